@@ -1,0 +1,235 @@
+"""Sub-model extraction (paper Eq. 6), rebuilding, and the saved artifact.
+
+A sub-model is a real, smaller ``transformers`` model of the same class: its
+elastic ``nn.Linear`` modules are replaced by smaller ones whose weights are
+the kept slices of the global weights. It runs through the normal HF forward.
+Its config is the base config plus ``raffm_subnet`` (the spec as a dict), so
+the pair (config, weights) is enough to rebuild it; see :func:`load_submodel`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .errors import SpecError, UnsupportedModelError
+from .layout import ModelLayout, describe
+from .spec import SubnetSpec
+
+SPEC_ATTR = "raffm_subnet"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The ``transformers`` class named by ``config.architectures[0]``."""
+    names = getattr(config, "architectures", None) or []
+    if not names:
+        raise UnsupportedModelError(
+            "config.architectures is empty; cannot tell which model class to build "
+            "(set it, e.g. ['BertForSequenceClassification'])"
+        )
+    cls = getattr(transformers, names[0], None)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise UnsupportedModelError(f"{names[0]!r} is not a transformers model class")
+    return cls
+
+
+def base_config(model_or_config: PreTrainedModel | PretrainedConfig) -> PretrainedConfig:
+    """A copy of the full model's config, with ``architectures`` set and no spec."""
+    if isinstance(model_or_config, PreTrainedModel):
+        config = copy.deepcopy(model_or_config.config)
+        config.architectures = [type(model_or_config).__name__]
+    else:
+        config = copy.deepcopy(model_or_config)
+    if hasattr(config, SPEC_ATTR):
+        delattr(config, SPEC_ATTR)
+    return config
+
+
+def spec_of(model: PreTrainedModel) -> SubnetSpec | None:
+    """The spec a sub-model was built with, or ``None`` for a full model."""
+    data = getattr(model.config, SPEC_ATTR, None)
+    return None if data is None else SubnetSpec.from_dict(data)
+
+
+def extract_state_dict(
+    state: Mapping[str, torch.Tensor], layout: ModelLayout, spec: SubnetSpec
+) -> dict[str, torch.Tensor]:
+    """The sub-model's state dict: kept slices of elastic tensors, the rest as is.
+
+    Non-elastic tensors are returned as the same objects (not copies); elastic
+    ones are new, contiguous tensors.
+    """
+    slices = layout.slices(spec)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key in slices:
+            axis, index = slices[key]
+            if isinstance(index, slice):
+                out[key] = tensor.narrow(axis, 0, index.stop).contiguous().clone()
+            else:
+                out[key] = torch.index_select(tensor, axis, index)
+        else:
+            out[key] = tensor
+    return out
+
+
+def _shrink(model: PreTrainedModel, layout: ModelLayout, spec: SubnetSpec) -> None:
+    """Replace every elastic ``nn.Linear`` of ``model`` by one of the sub-model's size."""
+    shapes = layout.sub_shapes(spec)
+    for layer in layout.layers:
+        for path in layer.modules.values():
+            parent_path, _, name = path.rpartition(".")
+            old = model.get_submodule(path)
+            out_features, in_features = shapes[path + ".weight"]
+            new = nn.Linear(
+                in_features,
+                out_features,
+                bias=old.bias is not None,
+                device=old.weight.device,
+                dtype=old.weight.dtype,
+            )
+            setattr(model.get_submodule(parent_path), name, new)
+        # Head counts some attention classes keep for bookkeeping; the
+        # forward passes infer them from the tensor shapes.
+        attn = model.get_submodule(layer.modules["query"].rpartition(".")[0])
+        kept = spec.layers[layer.index].heads
+        n_heads = (kept if isinstance(kept, int) else len(kept)) * layout.group_size
+        for attr in ("num_attention_heads", "n_heads", "num_heads"):
+            if isinstance(getattr(attn, attr, None), int):
+                setattr(attn, attr, n_heads)
+        if isinstance(getattr(attn, "all_head_size", None), int):
+            attn.all_head_size = n_heads * layout.head_dim
+
+
+def build_submodel(
+    config: PretrainedConfig,
+    spec: SubnetSpec,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    *,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Build the sub-model ``spec`` describes, without materializing the full model.
+
+    The skeleton is created on the meta device, its elastic layers are
+    replaced by sub-sized ones, and only then is memory allocated.
+
+    Parameters
+    ----------
+    config : PretrainedConfig
+        The full model's config; ``architectures[0]`` names the class.
+    spec : SubnetSpec
+    state_dict : mapping, optional
+        The sub-model's weights (shapes as :meth:`ModelLayout.sub_shapes`).
+        Loaded strictly: a missing, extra or mis-shaped key is an error.
+        Without it the weights are uninitialized.
+    attn_implementation : str, optional
+        ``"eager"``, ``"sdpa"``, ...; the transformers default if omitted.
+
+    Returns
+    -------
+    PreTrainedModel
+        In training mode is left to the caller; the model is returned in eval mode.
+    """
+    config = base_config(config)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    cls = model_class(config)
+    with torch.device("meta"):
+        model = cls(config)
+    layout = describe(model)
+    _shrink(model, layout, spec)
+    model.to_empty(device="cpu")
+    # Non-persistent buffers (position ids, rotary frequencies) are not in any
+    # state dict; the model's own initializer knows their values.
+    owners = {key.rpartition(".")[0] for key, _ in model.named_non_persistent_buffers()}
+    for name in owners:
+        model._init_weights(model.get_submodule(name))
+    if state_dict is not None:
+        expected = layout.sub_shapes(spec)
+        _check_state(state_dict, expected)
+        model.load_state_dict(dict(state_dict), strict=True)
+        if layout.tied:
+            model.tie_weights()  # to_empty() gave each alias its own storage
+    model.config.architectures = [cls.__name__]
+    setattr(model.config, SPEC_ATTR, spec.to_dict())
+    model.eval()
+    return model
+
+
+def _check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple]) -> None:
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise SpecError(
+            f"sub-model weights: missing keys {missing[:5]}, unexpected keys {extra[:5]}"
+        )
+    for key, shape in expected.items():
+        got = tuple(state[key].shape)
+        if got != tuple(shape):
+            raise SpecError(f"sub-model weights: {key} has shape {got}, expected {tuple(shape)}")
+
+
+def extract_submodel(model: PreTrainedModel, spec: SubnetSpec) -> PreTrainedModel:
+    """A real, smaller copy of ``model`` keeping what ``spec`` says (Eq. 6).
+
+    ``model`` should be prioritized first (:func:`raffm_core.prioritize`), so
+    that prefix specs keep the most salient units. The full model is not
+    changed and shares no storage with the result.
+    """
+    if spec_of(model) is not None:
+        raise SpecError("extract_submodel needs the full model, got a sub-model")
+    layout = describe(model)
+    state = model.state_dict()
+    sub_state = extract_state_dict(state, layout, spec)
+    attn = getattr(model.config, "_attn_implementation", None)
+    sub = build_submodel(base_config(model), spec, sub_state, attn_implementation=attn)
+    sub.train(model.training)
+    return sub
+
+
+def save_submodel(model: PreTrainedModel, path: str | os.PathLike) -> Path:
+    """Write a sub-model (or full model) as ``config.json`` + ``model.safetensors``.
+
+    The config carries the spec, so :func:`load_submodel` rebuilds it exactly.
+    Tied tensors are stored once.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    tied = describe(model).tied
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    tmp = path / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / WEIGHTS_NAME)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def load_submodel(path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+    """Load what :func:`save_submodel` wrote: ``raffm_core.load_submodel(dir)``.
+
+    Keyword arguments go to :func:`build_submodel` (e.g. ``attn_implementation``).
+    """
+    path = Path(path)
+    data = json.loads((path / "config.json").read_text())
+    spec_data = data.pop(SPEC_ATTR, None)
+    config = transformers.AutoConfig.for_model(**data)
+    state = load_file(str(path / WEIGHTS_NAME))
+    with torch.device("meta"):
+        layout = describe(model_class(config)(config))
+    spec = layout.full_spec() if spec_data is None else SubnetSpec.from_dict(spec_data)
+    for key, source in layout.tied.items():
+        state.setdefault(key, state[source])
+    return build_submodel(config, spec, state, **kwargs)

@@ -1,0 +1,142 @@
+"""Model families as data.
+
+Each :class:`Family` says, for one transformer architecture, which ``nn.Linear``
+modules of a layer share which elastic axis. The algorithms (ranking,
+permuting, slicing, aggregating) read only these tables, so supporting a new
+architecture means adding an entry to :data:`FAMILIES`, not editing them.
+
+Tensor layouts: every module named here is an ``nn.Linear`` whose ``weight`` is
+``(out_features, in_features)`` and whose optional ``bias`` is ``(out_features,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the elastic weights of one architecture live.
+
+    Attributes
+    ----------
+    name : str
+        Human-readable family name.
+    model_types : tuple of str
+        ``config.model_type`` values this entry covers.
+    layers : str
+        Path of the ``nn.ModuleList`` of transformer layers, relative to the
+        base model (``model.base_model``).
+    query, key, value : str
+        Paths, relative to a layer, of the attention input projections. Their
+        output rows are grouped by head.
+    attn_out : str
+        Path of the attention output projection. Its input columns are grouped
+        by head.
+    ffn_in : tuple of str
+        FFN input projections whose output rows are FFN neurons (``up``, plus
+        ``gate`` for gated FFNs).
+    ffn_out : str
+        FFN output projection whose input columns are FFN neurons.
+    heads_attr, kv_heads_attr : str or None
+        Config attributes with the number of query heads and of key/value heads
+        (``None`` when every head has its own key/value head).
+    rotary : bool
+        Whether queries and keys are rotated (RoPE). RoPE pairs dimension ``i``
+        with ``i + d/2`` and gives each pair its own frequency, so channels
+        within a head must not be permuted; whole heads still can be.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    query: str
+    key: str
+    value: str
+    attn_out: str
+    ffn_in: tuple[str, ...]
+    ffn_out: str
+    heads_attr: str
+    kv_heads_attr: str | None
+    rotary: bool
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="BERT",
+        model_types=("bert", "roberta", "xlm-roberta"),
+        layers="encoder.layer",
+        query="attention.self.query",
+        key="attention.self.key",
+        value="attention.self.value",
+        attn_out="attention.output.dense",
+        ffn_in=("intermediate.dense",),
+        ffn_out="output.dense",
+        heads_attr="num_attention_heads",
+        kv_heads_attr=None,
+        rotary=False,
+    ),
+    Family(
+        name="DistilBERT",
+        model_types=("distilbert",),
+        layers="transformer.layer",
+        query="attention.q_lin",
+        key="attention.k_lin",
+        value="attention.v_lin",
+        attn_out="attention.out_lin",
+        ffn_in=("ffn.lin1",),
+        ffn_out="ffn.lin2",
+        heads_attr="n_heads",
+        kv_heads_attr=None,
+        rotary=False,
+    ),
+    Family(
+        name="ViT",
+        model_types=("vit",),
+        layers="layers",
+        query="attention.q_proj",
+        key="attention.k_proj",
+        value="attention.v_proj",
+        attn_out="attention.o_proj",
+        ffn_in=("mlp.fc1",),
+        ffn_out="mlp.fc2",
+        heads_attr="num_attention_heads",
+        kv_heads_attr=None,
+        rotary=False,
+    ),
+    Family(
+        name="LLaMA",
+        model_types=("llama", "qwen2", "mistral"),
+        layers="layers",
+        query="self_attn.q_proj",
+        key="self_attn.k_proj",
+        value="self_attn.v_proj",
+        attn_out="self_attn.o_proj",
+        ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+        ffn_out="mlp.down_proj",
+        heads_attr="num_attention_heads",
+        kv_heads_attr="num_key_value_heads",
+        rotary=True,
+    ),
+)
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
+
+
+def find_family(model_type: str) -> Family:
+    """Return the family entry for a ``config.model_type``.
+
+    Raises
+    ------
+    UnsupportedModelError
+        If no family covers ``model_type``; the message lists the supported ones.
+    """
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported; supported model types are "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+    )

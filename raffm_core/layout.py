@@ -1,0 +1,348 @@
+"""Where the elastic axes of one concrete model are, as state-dict keys.
+
+:func:`describe` reads a model's family entry (see :mod:`raffm_core.families`)
+and its config, and returns a :class:`ModelLayout`: for every layer, which
+tensors share the head axis and which share the FFN-neuron axis, on which axis
+of each tensor, and in blocks of how many rows or columns per unit. Ranking,
+permuting, slicing and aggregating are all written against this description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .errors import SpecError, UnsupportedModelError
+from .families import Family, find_family
+from .spec import SubnetSpec, Width, width_count, width_max
+
+Index = slice | torch.Tensor
+"""Positions kept along one axis: a leading ``slice`` or a 1-D ``int64`` tensor."""
+
+
+@dataclass(frozen=True)
+class Coupled:
+    """One tensor that takes part in an elastic axis.
+
+    Unit ``u`` of the axis owns positions ``u*block .. (u+1)*block-1`` along
+    ``axis`` of the tensor stored under ``key``.
+    """
+
+    key: str
+    axis: int
+    block: int
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """The elastic axes of one transformer layer.
+
+    Attributes
+    ----------
+    index : int
+        Layer number.
+    modules : dict
+        Role (``query``, ``key``, ``value``, ``attn_out``, ``ffn_in.N``,
+        ``ffn_out``) to the module's dotted path in the model.
+    heads : tuple of Coupled
+        Tensors whose positions belong to head groups: rows of Q, K, V (and
+        biases), columns of the attention output projection.
+    ffn : tuple of Coupled
+        Tensors whose positions belong to FFN neurons: rows of the up (and
+        gate) projections and their biases, columns of the down projection.
+    query_key : tuple of Coupled
+        Rows of Q and K (and biases) in blocks of one head, for the within-head
+        channel order of paper Eq. 5. Empty when that order must not change
+        (rotary embeddings, or grouped key/value heads).
+    """
+
+    index: int
+    modules: dict[str, str]
+    heads: tuple[Coupled, ...]
+    ffn: tuple[Coupled, ...]
+    query_key: tuple[Coupled, ...]
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The elastic structure of a full model, computed by :func:`describe`.
+
+    Attributes
+    ----------
+    family : Family
+        The family entry this layout was built from.
+    model_class : str
+        Name of the ``transformers`` class of the model.
+    num_groups : int
+        Head groups per layer (key/value heads under GQA, heads otherwise).
+    group_size : int
+        Query heads per group.
+    head_dim : int
+        Channels per head.
+    ffn_size : int
+        FFN neurons per layer.
+    shapes : dict
+        Every state-dict key of the full model to its shape.
+    tied : dict
+        Keys that alias another key's storage (tied weights) to that key.
+    layers : tuple of LayerLayout
+    """
+
+    family: Family
+    model_class: str
+    num_groups: int
+    group_size: int
+    head_dim: int
+    ffn_size: int
+    shapes: dict[str, tuple[int, ...]]
+    tied: dict[str, str]
+    layers: tuple[LayerLayout, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def total_params(self) -> int:
+        """Parameters and persistent buffers of the full model, tied ones once."""
+        return sum(prod(s) for k, s in self.shapes.items() if k not in self.tied)
+
+    def full_spec(self) -> SubnetSpec:
+        """The spec that keeps everything."""
+        return SubnetSpec.uniform(self.num_layers, self.num_groups, self.ffn_size)
+
+    def check_spec(self, spec: SubnetSpec) -> None:
+        """Raise :class:`SpecError` unless ``spec`` fits this model."""
+        if not isinstance(spec, SubnetSpec):
+            raise SpecError(f"expected a SubnetSpec, got {type(spec).__name__}")
+        if len(spec.layers) != self.num_layers:
+            raise SpecError(
+                f"spec has {len(spec.layers)} layers, the {self.model_class} has {self.num_layers}"
+            )
+        for i, layer in enumerate(spec.layers):
+            if width_max(layer.heads) > self.num_groups:
+                raise SpecError(
+                    f"spec layer {i}: heads {layer.heads} exceed the {self.num_groups} head groups"
+                )
+            if width_max(layer.ffn) > self.ffn_size:
+                raise SpecError(
+                    f"spec layer {i}: ffn {_short(layer.ffn)} exceeds the {self.ffn_size} neurons"
+                )
+
+    def slices(self, spec: SubnetSpec) -> dict[str, tuple[int, Index]]:
+        """Map every elastic key to ``(axis, kept positions)`` under ``spec``.
+
+        Keys that are not elastic (embeddings, norms, heads of the task) are
+        absent: the sub-model holds them whole.
+        """
+        self.check_spec(spec)
+        out: dict[str, tuple[int, Index]] = {}
+        for layer, kept in zip(self.layers, spec.layers, strict=True):
+            for coupled in layer.heads:
+                out[coupled.key] = (coupled.axis, expand(kept.heads, coupled.block))
+            for coupled in layer.ffn:
+                out[coupled.key] = (coupled.axis, expand(kept.ffn, coupled.block))
+        return out
+
+    def sub_shapes(self, spec: SubnetSpec) -> dict[str, tuple[int, ...]]:
+        """Shape of every state-dict key of the sub-model ``spec`` describes."""
+        shapes = dict(self.shapes)
+        for key, (axis, index) in self.slices(spec).items():
+            shape = list(shapes[key])
+            shape[axis] = index.stop if isinstance(index, slice) else int(index.numel())
+            shapes[key] = tuple(shape)
+        return shapes
+
+    def count_params(self, spec: SubnetSpec) -> int:
+        """Parameters the sub-model holds (embeddings and task head included)."""
+        return sum(prod(s) for k, s in self.sub_shapes(spec).items() if k not in self.tied)
+
+    def unit_params(self) -> tuple[int, int]:
+        """Parameters per head group and per FFN neuron, in one layer."""
+        layer = self.layers[0]
+        per_group = sum(
+            c.block * prod(self.shapes[c.key]) // self.shapes[c.key][c.axis] for c in layer.heads
+        )
+        per_neuron = sum(
+            c.block * prod(self.shapes[c.key]) // self.shapes[c.key][c.axis] for c in layer.ffn
+        )
+        return per_group, per_neuron
+
+
+def expand(width: Width, block: int) -> Index:
+    """Positions along an axis kept by ``width``, for units of ``block`` positions."""
+    if isinstance(width, int):
+        return slice(0, width * block)
+    units = torch.tensor(width, dtype=torch.int64)
+    return (units[:, None] * block + torch.arange(block)).reshape(-1)
+
+
+def _short(width: Width) -> str:
+    return str(width) if isinstance(width, int) else f"<{width_count(width)} indices>"
+
+
+def _config_int(config: PretrainedConfig, name: str) -> int:
+    value = getattr(config, name, None)
+    if not isinstance(value, int):
+        raise UnsupportedModelError(f"config of {config.model_type!r} has no integer {name!r}")
+    return value
+
+
+def _linear(model: nn.Module, path: str) -> nn.Linear:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise UnsupportedModelError(f"expected a module at {path!r}, found none") from None
+    if not isinstance(module, nn.Linear):
+        raise UnsupportedModelError(
+            f"expected nn.Linear at {path!r}, found {type(module).__name__}"
+        )
+    return module
+
+
+def _base_prefix(model: PreTrainedModel) -> str:
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix) and isinstance(getattr(model, prefix), nn.Module):
+        return prefix + "."
+    return ""
+
+
+def describe(model: PreTrainedModel) -> ModelLayout:
+    """Describe the elastic axes of ``model`` (a full model or a sub-model of it).
+
+    Sizes come from the config, so a sub-model built by
+    :func:`raffm_core.build_submodel` describes the full model it came from.
+
+    Raises
+    ------
+    UnsupportedModelError
+        If the architecture is not in :data:`raffm_core.families.FAMILIES`, or
+        uses a setting under which reordering would change its function.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(
+            f"expected a transformers PreTrainedModel, got {type(model).__name__}"
+        )
+    config = model.config
+    family = find_family(config.model_type)
+    position = getattr(config, "position_embedding_type", "absolute")
+    if position not in (None, "absolute"):
+        raise UnsupportedModelError(
+            f"position_embedding_type={position!r} is not supported (only 'absolute'): "
+            "relative position tables are indexed by head channel"
+        )
+    num_heads = _config_int(config, family.heads_attr)
+    num_kv = _config_int(config, family.kv_heads_attr) if family.kv_heads_attr else num_heads
+    if num_kv < 1 or num_heads % num_kv:
+        raise UnsupportedModelError(
+            f"{num_heads} query heads cannot share {num_kv} key/value heads"
+        )
+    group_size = num_heads // num_kv
+
+    prefix = _base_prefix(model)
+    base = model.get_submodule(prefix[:-1]) if prefix else model
+    try:
+        blocks = base.get_submodule(family.layers)
+    except AttributeError:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no layer list at {family.layers!r}"
+        ) from None
+
+    first = blocks[0]
+    hidden = _linear(first, family.query).in_features
+    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+    ffn_size = _config_int(
+        config, "hidden_dim" if family.name == "DistilBERT" else "intermediate_size"
+    )
+
+    # Elastic shapes come from the config (the model may be a sub-model);
+    # everything else from the model itself.
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    q_rows, kv_rows = num_heads * head_dim, num_kv * head_dim
+    layers = []
+    for i in range(len(blocks)):
+        path = f"{prefix}{family.layers}.{i}."
+        block = blocks[i]
+        mods = {
+            "query": family.query,
+            "key": family.key,
+            "value": family.value,
+            "attn_out": family.attn_out,
+            "ffn_out": family.ffn_out,
+            **{f"ffn_in.{j}": name for j, name in enumerate(family.ffn_in)},
+        }
+        heads: list[Coupled] = []
+        ffn: list[Coupled] = []
+        query_key: list[Coupled] = []
+        for role, rows, unit in (
+            ("query", q_rows, group_size * head_dim),
+            ("key", kv_rows, head_dim),
+            ("value", kv_rows, head_dim),
+        ):
+            lin = _linear(block, mods[role])
+            key = path + mods[role]
+            shapes[key + ".weight"] = (rows, hidden)
+            heads.append(Coupled(key + ".weight", 0, unit))
+            if lin.bias is not None:
+                shapes[key + ".bias"] = (rows,)
+                heads.append(Coupled(key + ".bias", 0, unit))
+            if role != "value" and not family.rotary and group_size == 1:
+                query_key.append(Coupled(key + ".weight", 0, head_dim))
+                if lin.bias is not None:
+                    query_key.append(Coupled(key + ".bias", 0, head_dim))
+        _linear(block, mods["attn_out"])
+        out_key = path + mods["attn_out"] + ".weight"
+        shapes[out_key] = (hidden, q_rows)
+        heads.append(Coupled(out_key, 1, group_size * head_dim))
+        for name in family.ffn_in:
+            lin = _linear(block, name)
+            shapes[path + name + ".weight"] = (ffn_size, hidden)
+            ffn.append(Coupled(path + name + ".weight", 0, 1))
+            if lin.bias is not None:
+                shapes[path + name + ".bias"] = (ffn_size,)
+                ffn.append(Coupled(path + name + ".bias", 0, 1))
+        _linear(block, family.ffn_out)
+        shapes[path + family.ffn_out + ".weight"] = (hidden, ffn_size)
+        ffn.append(Coupled(path + family.ffn_out + ".weight", 1, 1))
+        layers.append(
+            LayerLayout(
+                index=i,
+                modules={role: path + name for role, name in mods.items()},
+                heads=tuple(heads),
+                ffn=tuple(ffn),
+                query_key=tuple(query_key),
+            )
+        )
+
+    tied = _tied_keys(model)
+    return ModelLayout(
+        family=family,
+        model_class=type(model).__name__,
+        num_groups=num_kv,
+        group_size=group_size,
+        head_dim=head_dim,
+        ffn_size=ffn_size,
+        shapes=shapes,
+        tied=tied,
+        layers=tuple(layers),
+    )
+
+
+def _tied_keys(model: nn.Module) -> dict[str, str]:
+    """State-dict keys whose tensor is the same object as an earlier key's."""
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        ident = id(tensor)
+        if ident in seen:
+            tied[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return tied
+
+
+__all__ = ["Coupled", "LayerLayout", "ModelLayout", "describe", "expand"]

@@ -1,0 +1,193 @@
+"""Salient parameter prioritization (paper §3.1.1-3.1.2), function-preserving.
+
+Three kinds of unit are ranked, per layer, by salience, and moved so the most
+salient come first:
+
+* **FFN neurons.** A neuron owns a row of each FFN input projection (up, and
+  gate in gated FFNs) and a column of the output projection.
+* **Head groups.** A group owns its heads' row blocks in Q, K and V and its
+  column block in the attention output projection. Under grouped-query
+  attention a group is one key/value head with every query head that shares it,
+  so they move together.
+* **Query/key channels within a head** (Eq. 5, Theorem 1). The same permutation
+  of a head's rows in Q and K leaves ``Q K^T`` unchanged. Skipped under rotary
+  embeddings, which tie channel ``i`` to ``i + d/2``.
+
+Salience (Eq. 1) of a unit is the norm of the weights it owns, summed over the
+tensors it owns them in: the L1 norm by default (the paper's choice), or L2.
+For Q/K channels it is Eq. 5, the mean of the channel's norm in Q and in K.
+Biases carry no salience but move with their rows.
+
+Every permutation is applied to every tensor that shares the permuted axis, so
+the model computes exactly what it computed before (up to float summation
+order). Work is on weights found through the family table, never on module
+class names, so the attention implementation (eager, SDPA, ...) is irrelevant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from .errors import RaffmError
+from .layout import Coupled, ModelLayout, describe
+
+NORMS = ("l1", "l2")
+
+
+@dataclass(frozen=True)
+class LayerPermutation:
+    """The reordering applied to one layer.
+
+    ``heads[i]`` is the old index of the head group now at position ``i``;
+    likewise ``ffn``. ``query_key`` has one row per head (in the new head
+    order) giving the old channel at each position, or is ``None``.
+    """
+
+    heads: torch.Tensor
+    ffn: torch.Tensor
+    query_key: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """The reordering :func:`prioritize` applied, one entry per layer.
+
+    Apply it to any state dict laid out like the model (server optimizer
+    moments, say) with :func:`permute_state`.
+    """
+
+    layers: tuple[LayerPermutation, ...]
+
+    @property
+    def is_identity(self) -> bool:
+        def ident(p: torch.Tensor | None) -> bool:
+            if p is None:
+                return True
+            return bool((p == torch.arange(p.shape[-1]).expand_as(p)).all())
+
+        return all(ident(x.heads) and ident(x.ffn) and ident(x.query_key) for x in self.layers)
+
+
+def _norm_fn(norm: str):
+    if norm not in NORMS:
+        raise RaffmError(f"unknown norm {norm!r}; supported norms are {', '.join(NORMS)}")
+    return norm
+
+
+def _unit_scores(
+    state: Mapping[str, torch.Tensor], tensors: tuple[Coupled, ...], norm: str, num_units: int
+) -> torch.Tensor:
+    """Salience of each unit, summed over the weight tensors it owns (Eq. 1)."""
+    score = torch.zeros(num_units, dtype=torch.float64)
+    for c in tensors:
+        if not c.key.endswith(".weight"):
+            continue
+        w = state[c.key].detach().to(torch.float64)
+        w = w.movedim(c.axis, 0).reshape(num_units, -1)
+        score += w.abs().sum(1) if norm == "l1" else w.pow(2).sum(1).sqrt()
+    return score
+
+
+def _rank(score: torch.Tensor) -> torch.Tensor:
+    # Stable, so equal salience keeps the current order and an already
+    # prioritized model is a fixed point.
+    return torch.sort(score, descending=True, stable=True).indices
+
+
+def _take(tensor: torch.Tensor, c: Coupled, unit_perm: torch.Tensor) -> None:
+    """Reorder ``tensor`` in place so unit ``unit_perm[i]`` moves to position ``i``."""
+    index = (unit_perm[:, None] * c.block + torch.arange(c.block)).reshape(-1)
+    tensor.copy_(torch.index_select(tensor, c.axis, index.to(tensor.device)))
+
+
+def _take_within(tensor: torch.Tensor, c: Coupled, channel_perm: torch.Tensor) -> None:
+    """Reorder channels inside each block: row ``h*block + j`` takes ``h*block + perm[h, j]``."""
+    heads = channel_perm.shape[0]
+    index = (torch.arange(heads)[:, None] * c.block + channel_perm).reshape(-1)
+    tensor.copy_(torch.index_select(tensor, c.axis, index.to(tensor.device)))
+
+
+def rank_units(
+    state: Mapping[str, torch.Tensor], layout: ModelLayout, norm: str = "l1"
+) -> Permutation:
+    """Compute the prioritizing permutation of a full-model state dict.
+
+    Returns the permutation without applying it. The Q/K channel order is
+    ranked on the head order *after* the head permutation.
+    """
+    norm = _norm_fn(norm)
+    layers = []
+    for layer in layout.layers:
+        heads = _rank(_unit_scores(state, layer.heads, norm, layout.num_groups))
+        ffn = _rank(_unit_scores(state, layer.ffn, norm, layout.ffn_size))
+        query_key = None
+        if layer.query_key:
+            d = layout.head_dim
+            weights = [c for c in layer.query_key if c.key.endswith(".weight")]
+            per_channel = []
+            for c in weights:
+                w = state[c.key].detach().to(torch.float64)
+                rows = w.abs().sum(1) if norm == "l1" else w.pow(2).sum(1).sqrt()
+                per_channel.append(rows.reshape(layout.num_groups, d)[heads])
+            score = sum(per_channel) / len(per_channel)  # Eq. 5: mean over Q and K
+            query_key = torch.sort(score, dim=1, descending=True, stable=True).indices
+        layers.append(LayerPermutation(heads=heads, ffn=ffn, query_key=query_key))
+    return Permutation(tuple(layers))
+
+
+@torch.no_grad()
+def permute_state(
+    state: MutableMapping[str, torch.Tensor], layout: ModelLayout, permutation: Permutation
+) -> None:
+    """Apply ``permutation`` in place to every coupled tensor of ``state``.
+
+    ``state`` must hold full-model shapes for every elastic key; keys outside
+    the layout are left alone. Use it to keep tensors that mirror the model
+    (optimizer moments, a reference copy) aligned with a prioritized model.
+    """
+    if len(permutation.layers) != layout.num_layers:
+        raise RaffmError(
+            f"permutation has {len(permutation.layers)} layers, model has {layout.num_layers}"
+        )
+    for layer, perm in zip(layout.layers, permutation.layers, strict=True):
+        for c in layer.heads:
+            _take(state[c.key], c, perm.heads)
+        for c in layer.ffn:
+            _take(state[c.key], c, perm.ffn)
+        if perm.query_key is not None:
+            for c in layer.query_key:
+                _take_within(state[c.key], c, perm.query_key)
+
+
+def prioritize(model: PreTrainedModel, norm: str = "l1") -> Permutation:
+    """Reorder ``model`` in place so its most salient units come first.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A full model of a supported family (see :mod:`raffm_core.families`).
+    norm : {"l1", "l2"}
+        Channel norm of paper Eq. 1. The paper prefers L1.
+
+    Returns
+    -------
+    Permutation
+        What was applied, for keeping other tensors aligned (:func:`permute_state`).
+
+    Raises
+    ------
+    UnsupportedModelError
+        If the architecture is not supported.
+    RaffmError
+        If ``norm`` is unknown.
+    """
+    _norm_fn(norm)
+    layout = describe(model)
+    state = model.state_dict()
+    permutation = rank_units(state, layout, norm)
+    permute_state(state, layout, permutation)
+    return permutation

