@@ -1,0 +1,47 @@
+"""FedRolex rolling windows."""
+
+from __future__ import annotations
+
+import pytest
+
+import raffm_core as R
+from raffm_core.rolling import rolling_spec
+from raffm_core.spec import width_count
+from tests.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return R.describe(tiny_model("bert"))  # 4 head groups, 40 FFN neurons
+
+
+def test_round_zero_is_the_prefix_and_widths_are_kept(layout):
+    widths = R.SubnetSpec.uniform(2, 2, 15)
+    assert rolling_spec(layout, widths, 0) == widths
+    for t in range(12):
+        spec = rolling_spec(layout, widths, t)
+        for layer in spec.layers:
+            assert width_count(layer.heads) == 2
+            assert width_count(layer.ffn) == 15
+
+
+def test_windows_wrap_around_and_cover_every_unit(layout):
+    widths = R.SubnetSpec.uniform(2, 1, 10)
+    heads, ffn = set(), set()
+    for t in range(4):
+        layer = rolling_spec(layout, widths, t).layers[0]
+        heads |= set(range(layer.heads)) if isinstance(layer.heads, int) else set(layer.heads)
+        ffn |= set(range(layer.ffn)) if isinstance(layer.ffn, int) else set(layer.ffn)
+    assert heads == set(range(4))
+    assert ffn == set(range(40))
+    assert rolling_spec(layout, widths, 3).layers[0].heads == (3,)
+    assert rolling_spec(layout, R.SubnetSpec.uniform(2, 2, 10), 3).layers[0].heads == (0, 3)
+
+
+def test_full_width_does_not_roll(layout):
+    assert rolling_spec(layout, layout.full_spec(), 5) == layout.full_spec()
+
+
+def test_rolling_an_index_set_is_an_error(layout):
+    with pytest.raises(R.SpecError, match="prefix widths"):
+        rolling_spec(layout, R.SubnetSpec.uniform(2, [1, 2], 10), 1)
