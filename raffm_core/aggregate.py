@@ -182,7 +182,16 @@ def aggregate(
             _add_slice(den, axis, index, ones, w)
         covered = den > 0
         acc.div_(den.clamp_min(torch.finfo(torch.float32).tiny))
-        new_state[key] = torch.where(covered, acc, old.to(torch.float32)).to(old.dtype)
+        if len(axes) == 1:
+            # Coverage varies along one axis: restore just the uncovered rows
+            # or columns instead of a full torch.where pass.
+            axis = axes[0]
+            missing = (~covered).reshape(-1).nonzero().reshape(-1)
+            if missing.numel():
+                acc.index_copy_(axis, missing, old.index_select(axis, missing).to(acc.dtype))
+        else:
+            acc = torch.where(covered, acc, old.to(torch.float32))
+        new_state[key] = acc.to(old.dtype)
         coverage[key] = covered
     if return_coverage:
         return new_state, coverage

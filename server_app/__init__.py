@@ -1,0 +1,1 @@
+"""The RaFFM ServerApp and strategy (Flower Message API)."""

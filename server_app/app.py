@@ -1,0 +1,241 @@
+"""The RaFFM ServerApp: read the run config, build model and strategy, run, write outputs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from raffm_core import ServerOptimizer, TrainingProfile, base_config, describe
+from raffm_core.data import (
+    DatasetSpec,
+    TaskInfo,
+    encode,
+    evaluate_model,
+    load_splits,
+    load_tokenizer,
+    make_loader,
+    resolve_model_source,
+    sort_by_length,
+    take,
+)
+from raffm_core.wire import (
+    BATCH_SIZE,
+    LOCAL_EPOCHS,
+    LOCAL_STEPS,
+    LR,
+    MAX_LENGTH,
+    MIXED_PRECISION,
+    SEED,
+    WEIGHT_DECAY,
+    RunConfig,
+)
+
+from .outputs import prepare_results_dir, save_model, write_outputs
+from .strategy import RaFFM
+
+datasets.disable_progress_bars()
+transformers.utils.logging.disable_progress_bar()
+
+
+def load_global_model(cfg: RunConfig, task: TaskInfo) -> transformers.PreTrainedModel:
+    """The pretrained encoder with a (seeded) head for ``task``, on the server only."""
+    torch.manual_seed(cfg.seed)
+    labels = (
+        {}
+        if task.kind == "regression"
+        else {
+            "id2label": dict(enumerate(task.label_names)),
+            "label2id": {name: i for i, name in enumerate(task.label_names)},
+        }
+    )
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_source(cfg.model_name),
+        num_labels=task.num_labels,
+        problem_type=task.problem_type,
+        ignore_mismatched_sizes=True,
+        **labels,
+    )
+    return model.eval()
+
+
+def build_strategy(cfg: RunConfig, model: transformers.PreTrainedModel) -> Strategy:
+    """The strategy named by ``strategy`` (only ``raffm`` so far)."""
+    optimizer = ServerOptimizer(
+        cfg.server_update,
+        lr=cfg.server_lr,
+        beta1=cfg.server_beta1,
+        beta2=cfg.server_beta2,
+        tau=cfg.server_tau,
+    )
+    return RaFFM(
+        describe(model),
+        base_config(model).to_json_string(),
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+        min_replies=cfg.min_replies,
+        selection_mode=cfg.selection_mode,
+        salience_norm=cfg.salience_norm,
+        server_optimizer=optimizer,
+        proximal_mu=cfg.proximal_mu,
+        profile=TrainingProfile(batch_size=cfg.batch_size, seq_len=cfg.max_length),
+        seed=cfg.seed,
+        query_timeout=cfg.query_timeout_s,
+    )
+
+
+class CentralEvaluator:
+    """``evaluate_fn`` of the strategy: score the global model on the held-out split.
+
+    It keeps the best global model's weights (by the task's primary metric;
+    the earliest round on ties) and, given ``rounds_dir``, saves each round's
+    global model there as ``round-N/`` (``save-round-models``).
+    """
+
+    def __init__(
+        self,
+        model: transformers.PreTrainedModel,
+        loader: torch.utils.data.DataLoader,
+        task: TaskInfo,
+        tokenizer: transformers.PreTrainedTokenizerBase,
+        rounds_dir: Path | None = None,
+    ) -> None:
+        self.model = model
+        self.loader = loader
+        self.task = task
+        self.tokenizer = tokenizer
+        self.rounds_dir = rounds_dir
+        self.best_round: int | None = None
+        self.best_score = float("-inf")
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        metrics = evaluate_model(self.model, self.loader, self.task)
+        score = metrics[self.task.primary_metric]
+        if score > self.best_score:
+            self.best_round, self.best_score = server_round, score
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.rounds_dir is not None:
+            save_model(self.model, self.tokenizer, self.rounds_dir / f"round-{server_round}")
+        return MetricRecord(metrics)
+
+
+def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+    """Run the federation described by ``cfg``; returns the summary."""
+    started = time.monotonic()
+    out = prepare_results_dir(cfg.results_dir)
+    log(INFO, "results directory: %s", out)
+    splits = load_splits(DatasetSpec.from_run_config(cfg))
+    tokenizer = load_tokenizer(cfg.model_name)
+    model = load_global_model(cfg, splits.task)
+    held_out = sort_by_length(
+        encode(take(splits.test, cfg.eval_max_examples, cfg.seed), tokenizer, cfg.max_length)
+    )
+    log(
+        INFO,
+        "data: %d train / %d held-out examples (%d scored centrally), task %s %s",
+        len(splits.train),
+        len(splits.test),
+        len(held_out),
+        splits.task.kind,
+        list(splits.task.label_names),
+    )
+    evaluator = CentralEvaluator(
+        model,
+        make_loader(held_out, tokenizer, cfg.eval_batch_size),
+        splits.task,
+        tokenizer,
+        out / "round-models" if cfg.save_round_models else None,
+    )
+    strategy = build_strategy(cfg, model)
+    initial = ArrayRecord(model.state_dict())
+    train_config = ConfigRecord(
+        {
+            LR: cfg.lr,
+            LOCAL_STEPS: cfg.local_steps,
+            LOCAL_EPOCHS: cfg.local_epochs,
+            BATCH_SIZE: cfg.batch_size,
+            MAX_LENGTH: cfg.max_length,
+            WEIGHT_DECAY: cfg.weight_decay,
+            SEED: cfg.seed,
+            MIXED_PRECISION: cfg.mixed_precision,
+        }
+    )
+    evaluate_config = ConfigRecord(
+        {BATCH_SIZE: cfg.eval_batch_size, MAX_LENGTH: cfg.max_length, SEED: cfg.seed}
+    )
+    result = strategy.start(
+        grid,
+        initial,
+        cfg.num_server_rounds,
+        cfg.round_timeout_s,
+        train_config,
+        evaluate_config,
+        evaluator,
+    )
+    final = result.arrays if len(result.arrays) else initial
+    if cfg.save_models:
+        model.load_state_dict(final.to_torch_state_dict(), strict=True)
+        save_model(model, tokenizer, out / "final-model")
+        if evaluator.best_state is not None:
+            model.load_state_dict(evaluator.best_state, strict=True)
+            save_model(model, tokenizer, out / "best-model")
+    summary = write_outputs(
+        out,
+        cfg,
+        strategy.history,
+        dict(result.evaluate_metrics_serverapp),
+        splits.task.primary_metric,
+        initial.count_bytes(),
+        time.monotonic() - started,
+    )
+    log(
+        INFO,
+        "final %s %s (best %s in round %s), %.2f of the parameters and %.2f of "
+        "full-model traffic per client on average, %.1f s",
+        splits.task.primary_metric,
+        _fmt(summary["final-accuracy"]),
+        _fmt(summary["best-accuracy"]),
+        summary["best-round"],
+        summary["mean-client-params-fraction"] or 0,
+        summary["communication-ratio"] or 0,
+        summary["wall-time-s"],
+    )
+    log(INFO, "results in %s", out)
+    return summary
+
+
+def build_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """The ServerApp; ``defaults`` (kebab-case) replace built-in run-config defaults.
+
+    ``flwr run`` passes the full run config, so ``defaults`` matter only when
+    the run config is empty, as under ``flwr.simulation.run_simulation``.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, RunConfig.from_mapping(context.run_config, defaults))
+
+    return app
+
+
+app = build_server_app()
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,65 @@
+"""What goes out: the prioritized global model, and one sub-model instruction per node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from raffm_core import (
+    ModelLayout,
+    Permutation,
+    SubnetSpec,
+    extract_state_dict,
+    permute_state,
+    rank_units,
+)
+from raffm_core.wire import ARRAYS, CONFIG, SPEC
+
+from .records import ClientRound, NodeBudget, Sent
+
+
+def prioritized(
+    arrays: ArrayRecord, layout: ModelLayout, norm: str
+) -> tuple[dict[str, torch.Tensor], Permutation]:
+    """The global model reordered so salient units come first, and the reordering.
+
+    The state is made of fresh tensors: ``arrays`` itself is never changed,
+    so a round that is rejected leaves the global model bit for bit as it was.
+    """
+    state = dict(arrays.to_torch_state_dict())
+    permutation = rank_units(state, layout, norm)
+    permute_state(state, layout, permutation)
+    return state, permutation
+
+
+def build_instruction(
+    node: NodeBudget,
+    spec: SubnetSpec,
+    state: dict[str, torch.Tensor],
+    layout: ModelLayout,
+    config: ConfigRecord,
+    extra: dict[str, Any],
+    kind: str,
+) -> Sent:
+    """A ``kind`` message for ``node``: the ``spec`` slices of ``state`` and the config.
+
+    The ConfigRecord holds ``config``, then ``extra``, then the spec as JSON.
+    """
+    arrays = ArrayRecord(extract_state_dict(state, layout, spec))
+    content = ConfigRecord({**dict(config), **extra, SPEC: spec.to_json()})
+    message = Message(
+        RecordDict({ARRAYS: arrays, CONFIG: content}), dst_node_id=node.node_id, message_type=kind
+    )
+    params = layout.count_params(spec)
+    client = ClientRound(
+        node.node_id,
+        node.partition_id,
+        str(node.budget),
+        spec,
+        params,
+        params / layout.total_params,
+        arrays.count_bytes(),
+    )
+    return Sent(message, spec, client)

@@ -1,0 +1,127 @@
+"""Which nodes take part: waiting for them, asking their budgets, sampling them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from raffm_core import ModelLayout, TrainingProfile
+from raffm_core.wire import CONFIG, SERVER_ROUND
+
+from .records import NodeBudget
+from .replies import Rejected, parse_budget_reply
+
+STAGES = {"train": 1, "evaluate": 2}
+"""Salts that give training and evaluation independent draws in the same round."""
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> None:
+    """Block until ``minimum`` nodes are registered (simulated ones register late).
+
+    Raises
+    ------
+    RuntimeError
+        If they are not within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last_log = 0.0
+    while (count := len(list(grid.get_node_ids()))) < minimum:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {count} of min-available-nodes={minimum} nodes registered "
+                f"within {timeout:.0f} s"
+            )
+        if time.monotonic() - last_log > 5:
+            log(INFO, "waiting for nodes: %d of %d registered", count, minimum)
+            last_log = time.monotonic()
+        time.sleep(0.5)
+
+
+def query_budgets(
+    grid: Grid,
+    node_ids: Iterable[int],
+    layout: ModelLayout,
+    profile: TrainingProfile,
+    timeout: float,
+) -> tuple[dict[int, NodeBudget], dict[int, str]]:
+    """Send each node a ``QUERY`` message and check the budget it answers.
+
+    Returns
+    -------
+    (usable, skipped)
+        Nodes with a budget some sub-network fits, and the reason each other
+        node is skipped (also logged, one line per node).
+    """
+    messages = [
+        Message(
+            RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 0})}),
+            dst_node_id=n,
+            message_type=MessageType.QUERY,
+        )
+        for n in sorted(node_ids)
+    ]
+    if not messages:
+        return {}, {}
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    usable: dict[int, NodeBudget] = {}
+    skipped: dict[int, str] = {}
+    for reply in replies:
+        node_id = asked.pop(reply.metadata.reply_to_message_id, None)
+        if node_id is None:
+            continue  # a duplicate, or not an answer to this query
+        try:
+            usable[node_id] = info = parse_budget_reply(reply, node_id, layout, profile)
+        except Rejected as err:
+            skipped[node_id] = err.reason
+            log(WARNING, "node %d skipped: %s", node_id, err.reason)
+            continue
+        log(
+            INFO,
+            "node %d (partition %s): budget %s, up to %.2f of the parameters",
+            node_id,
+            info.partition_id,
+            info.budget,
+            info.max_fraction,
+        )
+    for node_id in asked.values():
+        skipped[node_id] = f"no reply to the budget query within {timeout:.0f} s"
+        log(WARNING, "node %d skipped: %s", node_id, skipped[node_id])
+    return usable, skipped
+
+
+def sample_nodes(
+    nodes: Iterable[NodeBudget],
+    fraction: float,
+    minimum: int,
+    seed: int,
+    server_round: int,
+    stage: str,
+) -> list[NodeBudget]:
+    """A seeded sample of ``max(fraction * len(nodes), minimum)`` nodes (capped at all).
+
+    Nodes are ordered by partition id (then node id) before drawing, so a
+    simulation samples the same partitions in every run although node ids
+    are random. ``fraction == 0`` samples none, as in Flower's strategies.
+    """
+    nodes = sorted(nodes, key=lambda n: (n.partition_id is None, n.partition_id or 0, n.node_id))
+    if fraction == 0.0 or not nodes:
+        return []
+    size = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+    rng = np.random.default_rng([seed, server_round, STAGES[stage]])
+    picked = rng.choice(len(nodes), size=size, replace=False)
+    return [nodes[i] for i in sorted(picked.tolist())]
+
+
+def spec_seed(seed: int, server_round: int, node: NodeBudget, stage: str) -> int:
+    """Seed of a ``sample``-mode spec draw for one node, round and stage."""
+    who = node.partition_id if node.partition_id is not None else node.node_id
+    return int(
+        np.random.SeedSequence([seed, server_round, STAGES[stage], who]).generate_state(1)[0]
+    )

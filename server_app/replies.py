@@ -1,0 +1,200 @@
+"""Checking what nodes send back: budgets, trained sub-models, evaluation scores.
+
+Every check raises :class:`Rejected` with a one-line reason; nothing here
+changes any state, so a rejected reply cannot touch the global model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from logging import WARNING
+from typing import Any
+
+import torch
+from flwr.app import Message, MetricRecord
+from flwr.common.logger import log
+
+from raffm_core import (
+    Budget,
+    BudgetError,
+    ModelLayout,
+    SubnetSpec,
+    TrainingProfile,
+    Update,
+    UpdateError,
+    check_update,
+    select_subnet,
+)
+from raffm_core.wire import (
+    ARRAYS,
+    BUDGET,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    TRAIN_REPLY_METRICS,
+)
+
+from .records import ClientRound, NodeBudget, Sent
+
+
+class Rejected(Exception):
+    """A reply (or a budget) the strategy will not use; ``reason`` is one log-ready line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def one_line(text: str | None, limit: int = 300) -> str:
+    """The last non-empty line of ``text`` (an exception's message ends a traceback), clipped."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    line = lines[-1] if lines else "(no reason given)"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def parse_budget_reply(
+    reply: Message, node_id: int, layout: ModelLayout, profile: TrainingProfile
+) -> NodeBudget:
+    """The node's budget, if it is valid and some sub-network fits it."""
+    if reply.has_error():
+        raise Rejected(f"budget query failed: {one_line(reply.error.reason)}")
+    record = reply.content.config_records.get(CONFIG)
+    if record is None or not isinstance(record.get(BUDGET), str):
+        raise Rejected(f"the query reply has no string {BUDGET!r} in {CONFIG!r}")
+    try:
+        budget = Budget.parse(record[BUDGET])
+        spec = select_subnet(layout, budget, "largest", profile=profile)
+    except BudgetError as err:
+        raise Rejected(f"budget {record[BUDGET]!r}: {err}") from None
+    partition = record.get(PARTITION_ID)
+    partition = (
+        partition if isinstance(partition, int) and not isinstance(partition, bool) else None
+    )
+    return NodeBudget(node_id, budget, partition, layout.count_params(spec) / layout.total_params)
+
+
+def check_metrics(reply: Message, node_id: int) -> MetricRecord:
+    """The reply's MetricRecord: no error, from the addressee, finite numbers, ``num-examples``."""
+    if reply.has_error():
+        raise Rejected(f"error reply (code {reply.error.code}): {one_line(reply.error.reason)}")
+    if reply.metadata.src_node_id != node_id:
+        raise Rejected(f"sent by node {reply.metadata.src_node_id}, not the addressee")
+    metrics = reply.content.metric_records.get(METRICS)
+    if metrics is None:
+        raise Rejected(f"no MetricRecord {METRICS!r}")
+    for key, value in metrics.items():
+        if not _finite_number(value):
+            raise Rejected(f"metric {key!r} is {value!r}, expected a finite number")
+    n = metrics.get(NUM_EXAMPLES)
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise Rejected(f"{NUM_EXAMPLES} must be a positive integer, got {n!r}")
+    return metrics
+
+
+def check_evaluate_reply(reply: Message, node_id: int) -> None:
+    """An evaluation reply needs only valid metrics (see :func:`check_metrics`)."""
+    check_metrics(reply, node_id)
+
+
+def check_train_reply(
+    reply: Message,
+    node_id: int,
+    spec: SubnetSpec,
+    layout: ModelLayout,
+    global_state: dict[str, torch.Tensor],
+) -> Update:
+    """The reply as an :class:`~raffm_core.Update`, checked against exactly what was sent.
+
+    ``spec`` is the spec this node was sent and ``global_state`` the
+    (prioritized) global model it was cut from: keys, shapes and dtypes must
+    match, every value must be finite.
+    """
+    metrics = check_metrics(reply, node_id)
+    missing = [k for k in TRAIN_REPLY_METRICS if k not in metrics]
+    if missing:
+        raise Rejected(f"metrics lack {missing}")
+    arrays = reply.content.array_records.get(ARRAYS)
+    if arrays is None:
+        raise Rejected(f"no ArrayRecord {ARRAYS!r}")
+    try:
+        tensors = dict(arrays.to_torch_state_dict())
+    except Exception as err:  # a client can send anything; report it, never crash
+        raise Rejected(f"arrays cannot be decoded: {one_line(str(err))}") from None
+    name = f"node {node_id}"
+    update = Update(spec, tensors, metrics[NUM_EXAMPLES])
+    try:
+        check_update(update, layout, global_state, name=name)
+    except UpdateError as err:
+        raise Rejected(str(err).removeprefix(f"{name}: ")) from None
+    for key, tensor in tensors.items():
+        if tensor.dtype != global_state[key].dtype:
+            raise Rejected(
+                f"{key!r} has dtype {tensor.dtype}, expected {global_state[key].dtype} as sent"
+            )
+    return update
+
+
+def match_replies(
+    replies: Iterable[Message],
+    sent: list[Sent],
+    what: str,
+    check: Callable[[Message, Sent], Update | None],
+) -> list[tuple[Update | None, Message]]:
+    """Pair each reply with its instruction and ``check`` it; return the accepted ones.
+
+    Replies are matched by ``reply_to_message_id`` (a SuperLink's error reply
+    for a vanished node comes from node 1, not from the node). Every rejected
+    reply, and every instruction left without one, gets one log line
+    ``<what> from node N rejected: <reason>`` and a ``rejected`` status.
+    """
+    by_id = {s.message.metadata.message_id: s for s in sent}
+    accepted: list[tuple[Update | None, Message]] = []
+    for reply in replies:
+        match = by_id.pop(reply.metadata.reply_to_message_id, None)
+        if match is None:
+            log(
+                WARNING,
+                "%s from node %d rejected: it answers no instruction of this round "
+                "(or a duplicate)",
+                what,
+                reply.metadata.src_node_id,
+            )
+            continue
+        note_reply(match.client, reply)
+        try:
+            update = check(reply, match)
+        except Rejected as err:
+            match.client.status, match.client.reason = "rejected", err.reason
+            log(WARNING, "%s from node %d rejected: %s", what, match.client.node_id, err.reason)
+            continue
+        match.client.status = "accepted"
+        accepted.append((update, reply))
+    for missing in by_id.values():
+        missing.client.status, missing.client.reason = "rejected", "no reply within timeout"
+        log(
+            WARNING,
+            "%s from node %d rejected: no reply within the timeout",
+            what,
+            missing.client.node_id,
+        )
+    return accepted
+
+
+def note_reply(client: ClientRound, reply: Message) -> None:
+    """Record the reply's size and numeric metrics, whether or not it is accepted."""
+    if not reply.has_content():
+        return
+    arrays = reply.content.array_records.get(ARRAYS)
+    client.bytes_up = arrays.count_bytes() if arrays is not None else 0
+    metrics = reply.content.metric_records.get(METRICS)
+    client.metrics = {
+        k: v
+        for k, v in (metrics or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,412 @@
+"""RaFFM as a Flower strategy: one budget-fitted sub-model per node, fused slice by slice."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from raffm_core import (
+    BudgetError,
+    ModelLayout,
+    Permutation,
+    ServerOptimizer,
+    TrainingProfile,
+    aggregate,
+    select_subnet,
+)
+from raffm_core.wire import (
+    BASE_CONFIG,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+)
+
+from .instructions import build_instruction, prioritized
+from .nodes import query_budgets, sample_nodes, spec_seed, wait_for_nodes
+from .records import NodeBudget, RoundLog, Sent
+from .replies import check_evaluate_reply, check_train_reply, match_replies
+
+State = dict[str, torch.Tensor]
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+
+@dataclass
+class _Pending:
+    """What a round sent, kept to validate the replies against it."""
+
+    server_round: int
+    state: State
+    permutation: Permutation
+    sent: list[Sent] = field(default_factory=list)
+
+
+class RaFFM(Strategy):
+    r"""Resource-aware sub-model federated fine-tuning (RaFFM).
+
+    Each round the strategy (1) prioritizes the global model's salient
+    parameters, a function-preserving reordering; (2) samples nodes, seeded;
+    (3) chooses for each a :class:`~raffm_core.SubnetSpec` that fits the budget
+    the node reported; (4) sends each node its own sub-model; (5) validates
+    each reply against exactly what that node was sent; (6) fuses the
+    survivors slice by slice (:func:`raffm_core.aggregate`); and (7) applies
+    the server update (FedAvg, FedProx or FedAdam).
+
+    A rejected reply (an error, no reply within the timeout, wrong keys,
+    shapes or dtypes, NaN/Inf, a bad ``num-examples``) is excluded with one
+    log line ``reply from node N rejected: <reason>``. With fewer than
+    ``min_replies`` survivors the round keeps the previous global model,
+    bit for bit.
+
+    Before the first round the strategy waits until ``min_available_nodes``
+    nodes are registered, then asks each for its budget with a
+    ``MessageType.QUERY`` message. Nodes registering later are asked when
+    they first show up. A node whose budget is invalid or below the smallest
+    sub-network is skipped, with a log line.
+
+    Obligations of the ClientApp:
+
+    * **Query.** Reply with a ``ConfigRecord`` under ``"config"`` holding
+      ``"budget"``, a :class:`~raffm_core.Budget` string (``"params=0.6"``,
+      ``"params=40M"``, ``"memory-mb=900"``), and optionally the int
+      ``"partition-id"``, which makes node sampling reproducible across runs.
+    * **Train.** The instruction carries an ``ArrayRecord`` ``"arrays"`` (the
+      sub-model's weights) and a ``ConfigRecord`` ``"config"`` with
+      ``"spec"`` (``SubnetSpec.to_json()``), ``"base-config"`` (the full
+      model's transformers config as JSON), ``"server-round"``,
+      ``"proximal-mu"`` and the training settings of ``train_config``. The
+      client rebuilds the sub-model with
+      ``raffm_core.build_submodel(AutoConfig.for_model(**json.loads(base)),
+      SubnetSpec.from_json(spec), arrays)``, fine-tunes it and replies with
+      an ``ArrayRecord`` ``"arrays"`` holding **exactly the received keys,
+      shapes and dtypes**, and a ``MetricRecord`` ``"metrics"`` with the
+      finite numbers ``"num-examples"`` (a positive int: local training
+      examples, not batches), ``"train-loss"``, ``"train-time-s"``,
+      ``"train-steps"`` and ``"peak-memory-mb"``. With ``"proximal-mu"``
+      :math:`\mu > 0` the client **must** add FedProx's proximal term
+      :math:`\frac{\mu}{2} \| w - w^t \|^2` to its loss, where :math:`w^t`
+      is the sub-model as received.
+    * **Evaluate.** The instruction is built as for training. Reply with a
+      ``MetricRecord`` ``"metrics"`` holding ``"num-examples"`` and finite
+      scores (e.g. ``"loss"``, ``"accuracy"``).
+
+    Parameters
+    ----------
+    layout : ModelLayout
+        :func:`raffm_core.describe` of the full model.
+    base_config : str
+        The full model's config as JSON (``base_config(model).to_json_string()``).
+    fraction_train, fraction_evaluate : float
+        Fraction of eligible nodes sampled per round; 0 skips that stage.
+    min_train_nodes, min_evaluate_nodes : int
+        Sample at least this many (or all eligible nodes, if fewer).
+    min_available_nodes : int
+        Nodes to wait for before querying budgets.
+    min_replies : int
+        Surviving train replies needed to update the global model (at least 1).
+    selection_mode : {"largest", "sample"}
+        How :func:`raffm_core.select_subnet` picks a spec within a budget.
+    salience_norm : {"l1", "l2"}
+    server_optimizer : ServerOptimizer, optional
+        The server update; FedAvg if omitted.
+    proximal_mu : float
+        FedProx's :math:`\mu`, sent to clients.
+    profile : TrainingProfile, optional
+        The training step ``memory-mb`` budgets are checked against.
+    seed : int
+        Seeds node sampling and ``sample``-mode spec draws, never global RNGs.
+    query_timeout : float
+        Seconds to wait for nodes to register, and for budget replies.
+    """
+
+    def __init__(
+        self,
+        layout: ModelLayout,
+        base_config: str,
+        *,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        min_replies: int = 1,
+        selection_mode: str = "largest",
+        salience_norm: str = "l1",
+        server_optimizer: ServerOptimizer | None = None,
+        proximal_mu: float = 0.0,
+        profile: TrainingProfile | None = None,
+        seed: int = 0,
+        query_timeout: float = 120.0,
+    ) -> None:
+        self.layout = layout
+        self.base_config = base_config
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_train_nodes = min_train_nodes
+        self.min_evaluate_nodes = min_evaluate_nodes
+        self.min_available_nodes = min_available_nodes
+        self.min_replies = max(1, min_replies)
+        self.selection_mode = selection_mode
+        self.salience_norm = salience_norm
+        self.server_optimizer = server_optimizer or ServerOptimizer("fedavg")
+        self.proximal_mu = proximal_mu
+        self.profile = profile or TrainingProfile()
+        self.seed = seed
+        self.query_timeout = query_timeout
+        self.nodes: dict[int, NodeBudget] = {}
+        self.skipped: dict[int, str] = {}
+        self.history: dict[int, RoundLog] = {}
+        self.num_rounds = 0
+        self._pending: _Pending | None = None
+        self._pending_eval: list[Sent] = []
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(
+            INFO,
+            "\t├──> Sampling: fraction train %.2f (min %d) | evaluate %.2f (min %d)",
+            self.fraction_train,
+            self.min_train_nodes,
+            self.fraction_evaluate,
+            self.min_evaluate_nodes,
+        )
+        log(
+            INFO,
+            "\t├──> Nodes: wait for %d | min replies %d",
+            self.min_available_nodes,
+            self.min_replies,
+        )
+        log(
+            INFO,
+            "\t├──> Sub-networks: %s selection, %s salience, %s layers of %d params",
+            self.selection_mode,
+            self.salience_norm,
+            self.layout.num_layers,
+            self.layout.total_params,
+        )
+        log(
+            INFO,
+            "\t└──> Server update: %s (proximal-mu %g)",
+            self.server_optimizer.name,
+            self.proximal_mu,
+        )
+
+    # ------------------------------------------------------------------ loop
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+    ) -> Result:
+        """Query budgets, then run Flower's loop; logs one progress line per round.
+
+        Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`.
+        """
+        self.num_rounds = num_rounds
+        wait_for_nodes(grid, self.min_available_nodes, self.query_timeout)
+        self.query_budgets(grid)
+
+        def evaluate_and_report(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            self._log_progress(server_round, metrics)
+            return metrics
+
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds,
+            timeout,
+            train_config,
+            evaluate_config,
+            evaluate_and_report,
+        )
+
+    def query_budgets(self, grid: Grid, node_ids: Iterable[int] | None = None) -> None:
+        """Ask nodes (default: every registered one) for their budget; see :mod:`.nodes`."""
+        node_ids = grid.get_node_ids() if node_ids is None else node_ids
+        usable, skipped = query_budgets(
+            grid, node_ids, self.layout, self.profile, self.query_timeout
+        )
+        self.nodes.update(usable)
+        self.skipped.update(skipped)
+
+    # ------------------------------------------------------------- training
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Prioritize the global model and build one sub-model instruction per sampled node."""
+        started = time.monotonic()
+        self._query_newcomers(grid)
+        state, permutation = prioritized(arrays, self.layout, self.salience_norm)
+        eligible = self._eligible(grid)
+        nodes = sample_nodes(
+            eligible, self.fraction_train, self.min_train_nodes, self.seed, server_round, "train"
+        )
+        pending = _Pending(server_round, state, permutation)
+        for node in nodes:
+            sent = self._instruct(node, server_round, state, config, MessageType.TRAIN)
+            if sent is not None:
+                pending.sent.append(sent)
+        self._pending = pending
+        self.history[server_round] = RoundLog(
+            server_round, started, [s.client for s in pending.sent]
+        )
+        log(
+            INFO,
+            "configure_train: %d of %d eligible nodes, sub-models of %s params",
+            len(pending.sent),
+            len(eligible),
+            ", ".join(f"{s.client.params_fraction:.2f}" for s in pending.sent) or "no",
+        )
+        return [s.message for s in pending.sent]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply against what its node was sent; fuse the survivors.
+
+        Returns ``(None, None)``, which keeps the previous global model, when
+        fewer than ``min_replies`` replies survive.
+        """
+        pending = self._pending
+        if pending is None or pending.server_round != server_round:
+            raise RuntimeError(f"aggregate_train({server_round}) without configure_train")
+        self._pending = None
+        entry = self.history[server_round]
+        accepted = match_replies(
+            replies,
+            pending.sent,
+            "reply",
+            lambda reply, sent: check_train_reply(
+                reply, sent.client.node_id, sent.spec, self.layout, pending.state
+            ),
+        )
+        if len(accepted) < self.min_replies:
+            entry.kept_previous = True
+            log(
+                WARNING,
+                "round %d: %d of %d replies survived, fewer than min-replies=%d; "
+                "keeping the previous global model",
+                server_round,
+                len(accepted),
+                len(pending.sent),
+                self.min_replies,
+            )
+            return None, None
+        updates = [update for update, _ in accepted]
+        fused, coverage = aggregate(pending.state, updates, self.layout, return_coverage=True)
+        # The optimizer's moments follow the model only once the round is kept.
+        self.server_optimizer.permute(self.layout, pending.permutation)
+        new_state = self.server_optimizer.step(pending.state, fused, coverage)
+        metrics = aggregate_metricrecords([reply.content for _, reply in accepted], NUM_EXAMPLES)
+        entry.train_metrics = dict(metrics)
+        return ArrayRecord(new_state), metrics
+
+    # ----------------------------------------------------------- evaluation
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send sampled nodes their budget's sub-model of the global model to score."""
+        self._pending_eval = []
+        if self.fraction_evaluate == 0.0:
+            return []
+        state, _ = prioritized(arrays, self.layout, self.salience_norm)
+        nodes = sample_nodes(
+            self._eligible(grid),
+            self.fraction_evaluate,
+            self.min_evaluate_nodes,
+            self.seed,
+            server_round,
+            "evaluate",
+        )
+        for node in nodes:
+            sent = self._instruct(node, server_round, state, config, MessageType.EVALUATE)
+            if sent is not None:
+                self._pending_eval.append(sent)
+        return [s.message for s in self._pending_eval]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Weighted mean of the valid evaluation replies' metrics."""
+        sent, self._pending_eval = self._pending_eval, []
+        accepted = match_replies(
+            replies,
+            sent,
+            "evaluation reply",
+            lambda reply, sent: check_evaluate_reply(reply, sent.client.node_id),
+        )
+        if not accepted:
+            return None
+        metrics = aggregate_metricrecords([reply.content for _, reply in accepted], NUM_EXAMPLES)
+        if server_round in self.history:
+            self.history[server_round].evaluate_metrics = dict(metrics)
+        return metrics
+
+    # -------------------------------------------------------------- helpers
+    def _query_newcomers(self, grid: Grid) -> None:
+        new = [n for n in grid.get_node_ids() if n not in self.nodes and n not in self.skipped]
+        if new:
+            self.query_budgets(grid, new)
+
+    def _eligible(self, grid: Grid) -> list[NodeBudget]:
+        return [self.nodes[n] for n in grid.get_node_ids() if n in self.nodes]
+
+    def _instruct(
+        self, node: NodeBudget, server_round: int, state: State, config: ConfigRecord, kind: str
+    ) -> Sent | None:
+        stage = "train" if kind == MessageType.TRAIN else "evaluate"
+        try:
+            spec = select_subnet(
+                self.layout,
+                node.budget,
+                self.selection_mode,
+                seed=spec_seed(self.seed, server_round, node, stage),
+                profile=self.profile,
+            )
+        except BudgetError as err:
+            log(WARNING, "node %d skipped in round %d: %s", node.node_id, server_round, err)
+            return None
+        extra = {
+            SERVER_ROUND: server_round,
+            BASE_CONFIG: self.base_config,
+            PROXIMAL_MU: float(self.proximal_mu),
+        }
+        return build_instruction(node, spec, state, self.layout, config, extra, kind)
+
+    def _log_progress(self, server_round: int, metrics: MetricRecord | None) -> None:
+        scores = ", ".join(
+            f"{k} {v:.3f}"
+            for k, v in (metrics or {}).items()
+            if k != NUM_EXAMPLES and isinstance(v, float | int)
+        )
+        entry = self.history.get(server_round)
+        if entry is None:
+            log(INFO, "round 0/%d: initial global model, %s", self.num_rounds, scores or "-")
+            return
+        entry.wall_time_s = time.monotonic() - entry.started
+        rejected = sum(c.status != "accepted" for c in entry.clients)
+        kept = ", previous model kept" if entry.kept_previous else ""
+        log(
+            INFO,
+            "round %d/%d: %d clients (%d rejected%s), %s, %.1f s",
+            server_round,
+            self.num_rounds,
+            len(entry.clients),
+            rejected,
+            kept,
+            scores or "-",
+            entry.wall_time_s,
+        )

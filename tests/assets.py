@@ -1,0 +1,79 @@
+"""Tiny offline text assets for app-level tests: a corpus, a tokenizer, a saved BERT."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import torch
+import transformers as T
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "warm", "bright", "clever"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "cold", "grim", "clumsy"]
+FILLER = ["the", "film", "story", "plot", "was", "is", "a", "very", "and", "cast"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def polarity_rows(n: int = 120, seed: int = 0) -> list[tuple[int, str]]:
+    """``(label, text)`` rows whose label a bag of words decides; balanced."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        cue = POSITIVE if label else NEGATIVE
+        words = rng.sample(FILLER, 4) + rng.sample(cue, 2)
+        rng.shuffle(words)
+        rows.append((label, " ".join(words)))
+    return rows
+
+
+def write_polarity_csv(path: Path, n: int = 120, seed: int = 0) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "text"])
+        writer.writerows(polarity_rows(n, seed))
+    return path
+
+
+def tiny_tokenizer(words: list[str] | None = None) -> T.PreTrainedTokenizerFast:
+    """A WordLevel BERT-style tokenizer built offline ([CLS] a [SEP] b [SEP])."""
+    vocab = {w: i for i, w in enumerate(SPECIAL + (words or POSITIVE + NEGATIVE + FILLER))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+
+
+def save_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """A tiny BERT classifier and its tokenizer, saved as an HF folder."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = T.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        id2label={i: str(i) for i in range(num_labels)},
+        label2id={str(i): i for i in range(num_labels)},
+    )
+    model = T.BertForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

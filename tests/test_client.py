@@ -1,0 +1,163 @@
+"""The ClientApp's handlers, called directly with messages the strategy builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client_app.app import build_client_app
+from client_app.training import InstructionError, TrainSettings
+from raffm_core import Budget, base_config, describe, select_subnet
+from raffm_core.wire import (
+    ARRAYS,
+    BUDGET,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    TRAIN_REPLY_METRICS,
+)
+from server_app.instructions import build_instruction, prioritized
+from server_app.records import NodeBudget
+from tests.assets import save_tiny_bert, write_polarity_csv
+from tests.fakes import task_identity
+
+TRAIN_CONFIG = {
+    "lr": 1e-3,
+    "local-steps": 0,
+    "local-epochs": 1.0,
+    "batch-size": 8,
+    "max-length": 16,
+    "weight-decay": 0.0,
+    "seed": 1,
+    "mixed-precision": "no",
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("client")
+    model_dir = save_tiny_bert(tmp / "model")
+    defaults = {
+        "model-name": str(model_dir),
+        "dataset": str(write_polarity_csv(tmp / "d.csv", 100)),
+        "partitioner": "iid",
+        "budget-profile": "params=0.6,params=1.0",
+    }
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    return build_client_app(defaults), model
+
+
+def context(partition_id: int = 1, **node_config) -> Context:
+    config = {"partition-id": partition_id, "num-partitions": 2, **node_config}
+    return Context(run_id=7, node_id=5, node_config=config, state=RecordDict(), run_config={})
+
+
+def instruction(model, budget: str, kind: str = MessageType.TRAIN, **config) -> Message:
+    layout = describe(model)
+    state, _ = prioritized(ArrayRecord(model.state_dict()), layout, "l1")
+    spec = select_subnet(layout, budget)
+    node = NodeBudget(5, Budget.parse(budget), 1, 1.0)
+    extra = {
+        "server-round": 1,
+        "base-config": base_config(model).to_json_string(),
+        "proximal-mu": 0.0,
+    }
+    sent = build_instruction(
+        node, spec, state, layout, ConfigRecord({**TRAIN_CONFIG, **config}), extra, kind
+    )
+    sent.message.metadata.__dict__["_message_id"] = "m1"
+    return sent.message
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    with task_identity(node_id=5):
+        yield
+
+
+def test_query_answers_the_profile_tier_or_the_node_budget(setup):
+    app, _ = setup
+    query = Message(RecordDict({CONFIG: ConfigRecord({})}), dst_node_id=5, message_type="query")
+    query.metadata.__dict__["_message_id"] = "q1"
+    reply = app(query, context(partition_id=1))
+    assert reply.content[CONFIG][BUDGET] == "params=1.0"
+    assert reply.content[CONFIG][PARTITION_ID] == 1
+    reply = app(query, context(partition_id=0, budget="memory-mb=900"))
+    assert reply.content[CONFIG][BUDGET] == "memory-mb=900"
+
+
+def test_train_replies_with_exactly_the_received_arrays_and_the_metrics(setup):
+    app, model = setup
+    message = instruction(model, "params=0.6")
+    sent = dict(message.content[ARRAYS].to_torch_state_dict())
+    reply = app(message, context())
+    assert not reply.has_error()
+    received = dict(reply.content[ARRAYS].to_torch_state_dict())
+    assert list(received) == list(sent)
+    for key, tensor in sent.items():
+        assert received[key].shape == tensor.shape and received[key].dtype == tensor.dtype
+    assert any(not torch.equal(received[k], sent[k]) for k in sent)  # it trained
+    metrics = reply.content[METRICS]
+    assert set(TRAIN_REPLY_METRICS) <= set(metrics)
+    assert metrics[NUM_EXAMPLES] == 40  # half of the 80 training sentences, not batches
+    assert metrics["train-steps"] == 5  # one pass, batches of 8
+    assert metrics["peak-memory-mb"] > 0 and metrics["train-time-s"] > 0
+
+
+def test_train_rebuilds_from_the_message_alone(setup, monkeypatch):
+    """No weights are loaded by name: from_pretrained must not be called."""
+    app, model = setup
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the client loaded a model by name")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
+    reply = app(instruction(model, "params=1.0", **{"local-steps": 2}), context())
+    assert reply.content[METRICS]["train-steps"] == 2
+
+
+def test_evaluate_scores_the_received_sub_model(setup):
+    app, model = setup
+    reply = app(instruction(model, "params=0.6", kind=MessageType.EVALUATE), context())
+    metrics = reply.content[METRICS]
+    assert metrics[NUM_EXAMPLES] == 10  # this node's share of the 20 held-out sentences
+    assert {"loss", "accuracy", "f1"} <= set(metrics)
+
+
+def test_a_bad_instruction_raises_a_clear_error(setup):
+    app, model = setup
+    message = instruction(model, "params=0.6")
+    del message.content[CONFIG]["spec"]
+    with pytest.raises(InstructionError, match="instruction has no 'spec'"):
+        app(message, context())
+
+
+@pytest.mark.parametrize(
+    "config, steps",
+    [({"local-steps": 7}, 7), ({"local-epochs": 0.5}, 3), ({"local-epochs": 2.0}, 10)],
+    ids=["exact-steps", "half-epoch", "two-epochs"],
+)
+def test_steps_follow_local_steps_or_epochs(setup, config, steps):
+    app, model = setup  # 40 local examples in batches of 8: 5 batches per pass
+    reply = app(instruction(model, "params=0.6", **config), context())
+    assert reply.content[METRICS]["train-steps"] == steps
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"lr": "fast"}, "'lr' must be a float"),
+        ({"mixed-precision": "fp8"}, "mixed-precision must be one of"),
+        ({"local-epochs": 0.0}, "local-epochs > 0"),
+    ],
+)
+def test_bad_settings_are_errors(config, message):
+    with pytest.raises(InstructionError, match=message):
+        TrainSettings.from_config(
+            {**TRAIN_CONFIG, "server-round": 1, "proximal-mu": 0.0, **config}, 0
+        )

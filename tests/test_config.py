@@ -1,0 +1,56 @@
+"""The run config: pyproject.toml and RunConfig agree, and bad values are errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from raffm_core.wire import ConfigError, RunConfig
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def app_config() -> dict:
+    with PYPROJECT.open("rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_defaults_are_the_dataclass_defaults():
+    # run_simulation passes an empty run config, flwr run the pyproject's:
+    # both must mean the same run.
+    assert app_config() == RunConfig().to_mapping()
+
+
+def test_run_config_overrides_defaults_which_override_builtins():
+    cfg = RunConfig.from_mapping({"lr": 3e-5}, defaults={"lr": 1.0, "local-steps": 4})
+    assert (cfg.lr, cfg.local_steps, cfg.batch_size) == (3e-5, 4, RunConfig().batch_size)
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({"learning-rate": 0.1}, "unknown run-config key"),
+        ({"lr": "fast"}, "lr must be of type float"),
+        ({"local-steps": 2.5}, "local-steps must be of type int"),
+        ({"save-models": 1}, "save-models must be of type bool"),
+        ({"fraction-train": 1.5}, r"fraction-train = 1.5, expected in \[0, 1\]"),
+        ({"partitioner": "shards"}, "partitioner = 'shards' is not supported"),
+        ({"server-update": "fedyogi"}, "server-update = 'fedyogi' is not supported"),
+        ({"proximal-mu": 0.1}, "only used with server-update = 'fedprox'"),
+        ({"budget-profile": " , "}, "budget-profile is empty"),
+    ],
+)
+def test_bad_values_are_errors_that_name_the_key(mapping, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_mapping(mapping)
+
+
+def test_ints_are_accepted_for_floats():
+    assert RunConfig.from_mapping({"dirichlet-alpha": 1}).dirichlet_alpha == 1.0
+
+
+def test_budget_tiers_are_split_and_stripped():
+    cfg = RunConfig(budget_profile="params=0.6, params=1.0,")
+    assert cfg.budget_tiers == ("params=0.6", "params=1.0")

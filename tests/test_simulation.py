@@ -1,0 +1,154 @@
+"""The ServerApp and ClientApp together, under Flower's simulation runtime.
+
+A tiny BERT and a WordLevel tokenizer are saved to a temporary folder, three
+virtual nodes report three different budgets, and two rounds run. The global
+model after each round (``save-round-models``) is checked against an
+independent oracle: outside the union of the slices the accepted nodes held,
+it equals the prioritized model of the round before, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.simulation import run_simulation
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from client_app.app import build_client_app
+from raffm_core import SubnetSpec, describe, permute_state, rank_units
+from server_app.app import build_server_app
+from tests.assets import save_tiny_bert, write_polarity_csv
+
+NUM_NODES = 3
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("simulation")
+    overrides = {
+        "model-name": str(save_tiny_bert(tmp / "model")),
+        "dataset": str(write_polarity_csv(tmp / "polarity.csv", 150)),
+        "results-dir": str(tmp / "results"),
+        "min-available-nodes": NUM_NODES,
+        "num-server-rounds": ROUNDS,
+        "fraction-train": 1.0,
+        "min-replies": NUM_NODES,
+        "fraction-evaluate": 1.0,
+        "min-evaluate-nodes": NUM_NODES,
+        "budget-profile": "params=0.5,params=0.65,params=0.8",
+        "partitioner": "iid",
+        "max-length": 16,
+        "local-steps": 3,
+        "batch-size": 8,
+        "lr": 1e-3,
+        "save-round-models": True,
+        "query-timeout-s": 180.0,
+        "round-timeout-s": 120.0,
+    }
+    run_simulation(
+        server_app=build_server_app(overrides),
+        client_app=build_client_app(overrides),
+        num_supernodes=NUM_NODES,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2},
+        },
+    )
+    return tmp / "results"
+
+
+def read(run_dir, name):
+    return json.loads((run_dir / name).read_text())
+
+
+def load_state(path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_clients_received_different_spec_sizes(run_dir):
+    rounds = read(run_dir, "rounds.json")
+    assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
+    for row in rounds[1:]:
+        clients = row["clients"]
+        assert len(clients) == NUM_NODES and all(c["status"] == "accepted" for c in clients)
+        assert sorted(c["budget"] for c in clients) == ["params=0.5", "params=0.65", "params=0.8"]
+        assert len({c["params"] for c in clients}) == NUM_NODES
+        for c in clients:
+            assert c["params-fraction"] <= float(c["budget"].split("=")[1]) + 1e-9
+
+
+def test_global_model_changed_only_where_some_slice_covered_it(run_dir):
+    rounds = read(run_dir, "rounds.json")
+    model, before = load_state(run_dir / "round-models" / "round-0")
+    layout = describe(model)
+    for row in rounds[1:]:
+        _, after = load_state(run_dir / "round-models" / f"round-{row['round']}")
+        prioritized = {k: v.clone() for k, v in before.items()}
+        permute_state(prioritized, layout, rank_units(prioritized, layout))
+        covered = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in before.items()}
+        for client in row["clients"]:
+            spec = SubnetSpec.from_dict(client["spec"])
+            for key, shape in layout.sub_shapes(spec).items():
+                covered[key][tuple(slice(0, n) for n in shape)] = True  # prefix slices
+        changed = 0
+        for key in before:
+            assert torch.equal(after[key][~covered[key]], prioritized[key][~covered[key]]), key
+            changed += int((after[key] != prioritized[key]).sum())
+        assert changed > 0
+        uncovered = sum(int((~c).sum()) for c in covered.values())
+        assert uncovered > 0  # the test would be vacuous if every element were covered
+        before = after
+
+
+def test_metrics_and_outputs_are_present(run_dir):
+    summary = read(run_dir, "summary.json")
+    for key in (
+        "final-accuracy",
+        "best-accuracy",
+        "rounds",
+        "mean-client-params-fraction",
+        "mean-bytes-per-client-round",
+        "full-model-bytes",
+        "wall-time-s",
+    ):
+        assert summary[key] is not None, key
+    assert summary["rounds"] == ROUNDS
+    assert 0.5 < summary["mean-client-params-fraction"] < 1.0
+    assert summary["mean-bytes-per-client-round"] < 2 * summary["full-model-bytes"]
+    rounds = read(run_dir, "rounds.json")
+    for row in rounds:
+        assert {"accuracy", "f1", "loss"} <= set(row)
+    for row in rounds[1:]:
+        assert {"accuracy", "loss"} <= set(row["federated-evaluation"])
+        for client in row["clients"]:
+            for key in (
+                "node",
+                "budget",
+                "spec",
+                "params",
+                "bytes-down",
+                "bytes-up",
+                "train-time-s",
+                "peak-memory-mb",
+                "train-loss",
+                "num-examples",
+            ):
+                assert client[key] is not None, key
+            assert client["bytes-down"] == client["bytes-up"] > 0
+            assert client["peak-memory-mb"] > 0
+    assert read(run_dir, "run-config.json")["num-server-rounds"] == ROUNDS
+    for name in ("accuracy.png", "bytes-per-client.png", "submodel-sizes.png"):
+        assert (run_dir / name).stat().st_size > 0
+    for name in ("final-model", "best-model"):
+        model = AutoModelForSequenceClassification.from_pretrained(run_dir / name)
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / name)
+        with torch.no_grad():
+            logits = model(**tokenizer(["a very good film"], return_tensors="pt")).logits
+        assert logits.shape == (1, 2)
+    _, final = load_state(run_dir / "final-model")
+    _, last = load_state(run_dir / "round-models" / f"round-{ROUNDS}")
+    assert all(torch.equal(final[k], last[k]) for k in final)
