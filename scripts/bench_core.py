@@ -128,8 +128,10 @@ def aggregate_ours(state, layout, updates) -> dict:
 
 def aggregate_ours_decoded(state, layout, updates, records) -> dict:
     """Ours as a server app runs it: decode each reply's ArrayRecord first."""
+    from server_app.replies import decode_arrays
+
     decoded = [
-        R.Update(u.spec, rec["arrays"].to_torch_state_dict(), u.num_examples)
+        R.Update(u.spec, decode_arrays(rec["arrays"]), u.num_examples)
         for u, rec in zip(updates, records, strict=True)
     ]
     return R.aggregate(state, decoded, layout)
