@@ -233,7 +233,7 @@ def plot_curve(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> None:
         )
     ax.set_xlabel("sub-model parameters (M)")
     ax.set_ylabel(f"held-out {metric}")
-    ax.set_title("Deployed sub-models, no retraining (labels: est. inference memory)")
+    ax.set_title("Sub-models without retraining (labels: estimated inference memory)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
