@@ -49,7 +49,7 @@ TINY_VIT_DEFAULTS: dict[str, Any] = {
     "intermediate_size": 128,
     "initializer_range": 0.1,
 }
-"""The ``vit-tiny:`` model: 28x28 grey images (Fashion-MNIST), 49 patches, 0.2M parameters.
+"""The ``vit-tiny:`` model: 28x28 grey images (Fashion-MNIST), 49 patches, 0.14M parameters.
 
 ``initializer_range`` is 0.1 rather than ViT's 0.02: trained from scratch, a
 tiny ViT with the small init sits at chance for a hundred steps or more (on
