@@ -28,20 +28,25 @@ from raffm_core.data import (
     Splits,
     TaskInfo,
     encode,
-    load_splits,
     load_tokenizer,
 )
+from raffm_core.images import ImageDatasetSpec, PixelProcessor
+from raffm_core.vit import is_image_model, load_pixel_processor, load_run_splits, run_dataset_spec
 from raffm_core.wire import BUDGET, NUM_PARTITIONS, PARTITION_ID, ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
 class LocalData:
-    """A node's tokenized data: its train partition and its evaluation share."""
+    """A node's tokenized data: its train partition and its evaluation share.
+
+    For an image model ``tokenizer`` is the model's
+    :class:`~raffm_core.images.PixelProcessor`.
+    """
 
     train: datasets.Dataset
     test: datasets.Dataset
     task: TaskInfo
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | PixelProcessor
 
 
 def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
@@ -91,18 +96,20 @@ def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
 
 
 @lru_cache(maxsize=2)
-def _splits(spec: DatasetSpec) -> Splits:
-    return load_splits(spec)
+def _splits(spec: DatasetSpec | ImageDatasetSpec) -> Splits:
+    return load_run_splits(spec)
 
 
 @lru_cache(maxsize=2)
-def _tokenizer(model_name: str) -> PreTrainedTokenizerBase:
+def _tokenizer(model_name: str) -> PreTrainedTokenizerBase | PixelProcessor:
+    if is_image_model(model_name):
+        return load_pixel_processor(model_name)
     return load_tokenizer(model_name)
 
 
 @lru_cache(maxsize=4)
 def _partitioners(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, Partitioner]:
-    splits = _splits(DatasetSpec.from_run_config(cfg))
+    splits = _splits(run_dataset_spec(cfg))
     if cfg.partitioner == "dirichlet" and splits.task.kind == "regression":
         raise ConfigError(
             "partitioner = 'dirichlet' splits by class label; a regression "
@@ -123,7 +130,7 @@ def load_local_data(
     """Partition ``partition_id`` of the train split and of the held-out split, tokenized."""
     tokenizer = _tokenizer(cfg.model_name)
     train, test = _partitioners(cfg, num_partitions)
-    task = _splits(DatasetSpec.from_run_config(cfg)).task
+    task = _splits(run_dataset_spec(cfg)).task
     return LocalData(
         train=encode(train.load_partition(partition_id), tokenizer, max_length),
         test=encode(test.load_partition(partition_id), tokenizer, max_length),

@@ -6,7 +6,8 @@ and fuse their updates slice by slice. See the README for a walk-through.
 """
 
 from .aggregate import Update, aggregate, check_update, pseudo_gradient
-from .budget import Budget, TrainingProfile, training_memory_mb
+from .budget import Budget, MemoryProfile, TrainingProfile, training_memory_mb
+from .deploy import InferenceProfile, export_submodel
 from .errors import (
     BudgetError,
     BudgetTooSmallError,
@@ -39,7 +40,9 @@ __all__ = [
     "BudgetError",
     "BudgetTooSmallError",
     "Family",
+    "InferenceProfile",
     "LayerSpec",
+    "MemoryProfile",
     "ModelLayout",
     "Permutation",
     "RaffmError",
@@ -55,6 +58,7 @@ __all__ = [
     "build_submodel",
     "check_update",
     "describe",
+    "export_submodel",
     "extract_state_dict",
     "extract_submodel",
     "load_submodel",

@@ -6,8 +6,15 @@ A budget is a short string, the same one that travels in Flower node config:
 ``params=0.6``         at most 60% of the full model's parameters
 ``params=40M``         at most 40 million parameters (``K``, ``M``, ``G`` or a
                        plain integer)
-``memory-mb=900``      at most 900 MB of memory for a training step
+``memory-mb=900``      at most 900 MB of memory for a training step (or, with
+                       an :class:`~raffm_core.deploy.InferenceProfile`, for a
+                       forward pass)
 =====================  =====================================================
+
+A ``memory-mb`` budget is checked against a *memory profile*, any object with
+``memory_mb(layout, spec) -> float`` (:class:`MemoryProfile`):
+:class:`TrainingProfile` for federated training, ``InferenceProfile`` for
+deployment.
 
 Parameter counts include everything the client holds, embeddings and task
 head too (tied weights once).
@@ -55,6 +62,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from math import prod
+from typing import Protocol, runtime_checkable
 
 from .errors import BudgetError
 from .layout import ModelLayout
@@ -163,11 +171,41 @@ class Budget:
             return self.value * layout.total_params
         return self.value
 
-    def cost(self, layout: ModelLayout, spec: SubnetSpec, profile: TrainingProfile) -> float:
-        """What ``spec`` costs in this budget's unit."""
+    def cost(self, layout: ModelLayout, spec: SubnetSpec, profile: MemoryProfile) -> float:
+        """What ``spec`` costs in this budget's unit.
+
+        Parameters
+        ----------
+        layout : ModelLayout
+            The full model's layout.
+        spec : SubnetSpec
+        profile : MemoryProfile
+            What a ``memory-mb`` budget is checked against: a
+            :class:`TrainingProfile` (a training step) or an
+            ``InferenceProfile`` (a forward pass). Unused for ``params``.
+
+        Raises
+        ------
+        BudgetError
+            If a ``memory-mb`` budget gets a profile without ``memory_mb``.
+        """
         if self.kind == "params":
             return float(layout.count_params(spec))
-        return training_memory_mb(layout, spec, profile)
+        if not isinstance(profile, MemoryProfile):
+            raise BudgetError(
+                f"budget {self}: the profile {profile!r} has no memory_mb(layout, spec); "
+                "expected a TrainingProfile or an InferenceProfile"
+            )
+        return profile.memory_mb(layout, spec)
+
+
+@runtime_checkable
+class MemoryProfile(Protocol):
+    """What a ``memory-mb`` budget is checked against: a memory estimate per spec."""
+
+    def memory_mb(self, layout: ModelLayout, spec: SubnetSpec) -> float:
+        """Estimated peak memory, in MB, of running ``spec`` of ``layout``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -197,6 +235,10 @@ class TrainingProfile:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.seq_len < 1:
             raise BudgetError(f"batch_size and seq_len must be >= 1, got {self}")
+
+    def memory_mb(self, layout: ModelLayout, spec: SubnetSpec) -> float:
+        """:func:`training_memory_mb` of ``spec`` under this profile."""
+        return training_memory_mb(layout, spec, self)
 
 
 def activation_floats(layout: ModelLayout, spec: SubnetSpec, profile: TrainingProfile) -> float:

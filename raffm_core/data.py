@@ -271,7 +271,13 @@ def load_splits(spec: DatasetSpec) -> Splits:
 def encode(
     ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> datasets.Dataset:
-    """Tokenize a normalized split (truncated, unpadded) into ``input_ids``, ..., ``labels``."""
+    """Tokenize a normalized split (truncated, unpadded) into ``input_ids``, ..., ``labels``.
+
+    Modality hook: any other preprocessor (an image
+    :class:`~raffm_core.images.PixelProcessor`) encodes the split itself.
+    """
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer.encode_split(ds)
     pair = TEXT_PAIR in ds.column_names
 
     def tokenize(batch: dict[str, list]) -> dict[str, Any]:
@@ -290,7 +296,13 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
 ) -> DataLoader:
-    """Batches of an :func:`encode`-d split, padded per batch to its longest example."""
+    """Batches of an :func:`encode`-d split, padded per batch to its longest example.
+
+    Modality hook: any other preprocessor (an image
+    :class:`~raffm_core.images.PixelProcessor`) batches the split itself.
+    """
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer.make_loader(ds, batch_size, shuffle=shuffle, seed=seed)
     regression = ds.features["labels"].dtype.startswith("float")
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -362,7 +374,12 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, task: TaskInfo) -
 
 
 def sort_by_length(ds: datasets.Dataset) -> datasets.Dataset:
-    """An :func:`encode`-d split ordered by token count, so batches pad little (for scoring)."""
+    """An :func:`encode`-d split ordered by token count, so batches pad little (for scoring).
+
+    A split without ``input_ids`` (images) is returned as is.
+    """
+    if "input_ids" not in ds.column_names:
+        return ds
     lengths = [len(ids) for ids in ds["input_ids"]]
     return ds.select(np.argsort(lengths, kind="stable").tolist())
 

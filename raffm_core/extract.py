@@ -220,6 +220,12 @@ def save_submodel(model: PreTrainedModel, path: str | os.PathLike) -> Path:
 def load_submodel(path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
     """Load what :func:`save_submodel` wrote: ``raffm_core.load_submodel(dir)``.
 
+    A plain ``save_pretrained`` folder of a full model (what
+    :func:`~raffm_core.deploy.export_submodel` writes when the config can
+    express the widths) loads too; its weight names may be the checkpoint
+    names ``transformers`` converts on save (ViT), so it goes through
+    ``from_pretrained``, which must find every weight.
+
     Keyword arguments go to :func:`build_submodel` (e.g. ``attn_implementation``).
     """
     path = Path(path)
@@ -228,7 +234,17 @@ def load_submodel(path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
     config = transformers.AutoConfig.for_model(**data)
     state = load_file(str(path / WEIGHTS_NAME))
     with torch.device("meta"):
-        layout = describe(model_class(config)(config))
+        skeleton = model_class(config)(config)
+    layout = describe(skeleton)
+    if spec_data is None and not set(state) <= set(skeleton.state_dict()):
+        model, info = model_class(config).from_pretrained(path, output_loading_info=True, **kwargs)
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        if missing or unexpected:
+            raise SpecError(
+                f"{path}: weights do not match the config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        return model.eval()
     spec = layout.full_spec() if spec_data is None else SubnetSpec.from_dict(spec_data)
     for key, source in layout.tied.items():
         state.setdefault(key, state[source])

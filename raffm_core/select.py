@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from transformers import PreTrainedModel
 
-from .budget import Budget, TrainingProfile
+from .budget import Budget, MemoryProfile, TrainingProfile
 from .errors import BudgetError, BudgetTooSmallError
 from .layout import ModelLayout, describe
 from .spec import LayerSpec, SubnetSpec
@@ -33,7 +33,7 @@ def _smallest(layout: ModelLayout) -> SubnetSpec:
 
 
 def _largest(
-    layout: ModelLayout, budget: Budget, profile: TrainingProfile, limit: float
+    layout: ModelLayout, budget: Budget, profile: MemoryProfile, limit: float
 ) -> SubnetSpec:
     """The widest uniform configuration that fits.
 
@@ -65,7 +65,7 @@ def _largest(
 def _sample(
     layout: ModelLayout,
     budget: Budget,
-    profile: TrainingProfile,
+    profile: MemoryProfile,
     limit: float,
     rng: np.random.Generator,
 ) -> SubnetSpec:
@@ -105,7 +105,7 @@ def select_subnet(
     budget: Budget | str,
     mode: str = "largest",
     seed: int | None = None,
-    profile: TrainingProfile | None = None,
+    profile: MemoryProfile | None = None,
 ) -> SubnetSpec:
     """Choose a prefix sub-network that satisfies ``budget``.
 
@@ -122,8 +122,10 @@ def select_subnet(
         and never touches global random state.
     seed : int, optional
         Seed for ``"sample"``; with ``None`` the draw is not reproducible.
-    profile : TrainingProfile, optional
-        The training step a ``memory-mb`` budget is checked against.
+    profile : TrainingProfile or InferenceProfile, optional
+        What a ``memory-mb`` budget is checked against: a training step
+        (:class:`TrainingProfile`, the default) or, for deployment, a forward
+        pass (:class:`~raffm_core.deploy.InferenceProfile`).
 
     Returns
     -------

@@ -99,6 +99,7 @@ class RunConfig:
     text_column: str = "text"
     text_pair_column: str = ""
     label_column: str = "label"
+    image_column: str = "image"
     task: str = "auto"
     train_split: str = "train"
     test_split: str = ""

@@ -85,7 +85,9 @@ stop_daemons() {
 }
 trap stop_daemons EXIT
 
-RUN_CONFIG="dataset=\"$DATASET\" results-dir=\"$RESULTS_DIR\" min-available-nodes=$NUM_SUPERNODES"
+RUN_CONFIG="results-dir=\"$RESULTS_DIR\" min-available-nodes=$NUM_SUPERNODES"
+# the embedded polarity corpus unless an override names another dataset (a key may appear once)
+[[ " $* " == *" dataset="* ]] || RUN_CONFIG="dataset=\"$DATASET\" $RUN_CONFIG"
 for extra in "$@"; do
     RUN_CONFIG="$RUN_CONFIG $extra"
 done

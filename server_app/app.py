@@ -18,16 +18,22 @@ from flwr.serverapp.strategy import Strategy
 
 from raffm_core import ServerOptimizer, TrainingProfile, base_config, describe
 from raffm_core.data import (
-    DatasetSpec,
     TaskInfo,
     encode,
     evaluate_model,
-    load_splits,
     load_tokenizer,
     make_loader,
     resolve_model_source,
     sort_by_length,
     take,
+)
+from raffm_core.vit import (
+    image_tokens,
+    is_image_model,
+    load_image_model,
+    load_pixel_processor,
+    load_run_splits,
+    run_dataset_spec,
 )
 from raffm_core.wire import (
     BATCH_SIZE,
@@ -49,7 +55,13 @@ transformers.utils.logging.disable_progress_bar()
 
 
 def load_global_model(cfg: RunConfig, task: TaskInfo) -> transformers.PreTrainedModel:
-    """The pretrained encoder with a (seeded) head for ``task``, on the server only."""
+    """The pretrained encoder with a (seeded) head for ``task``, on the server only.
+
+    An image model (:func:`raffm_core.vit.is_image_model`) is loaded by
+    :func:`raffm_core.vit.load_image_model`.
+    """
+    if is_image_model(cfg.model_name):
+        return load_image_model(cfg.model_name, task, cfg.seed)
     torch.manual_seed(cfg.seed)
     labels = (
         {}
@@ -91,7 +103,7 @@ def build_strategy(cfg: RunConfig, model: transformers.PreTrainedModel) -> Strat
         salience_norm=cfg.salience_norm,
         server_optimizer=optimizer,
         proximal_mu=cfg.proximal_mu,
-        profile=TrainingProfile(batch_size=cfg.batch_size, seq_len=cfg.max_length),
+        profile=TrainingProfile(batch_size=cfg.batch_size, seq_len=_seq_len(cfg, model)),
         seed=cfg.seed,
         query_timeout=cfg.query_timeout_s,
     )
@@ -139,8 +151,9 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     started = time.monotonic()
     out = prepare_results_dir(cfg.results_dir)
     log(INFO, "results directory: %s", out)
-    splits = load_splits(DatasetSpec.from_run_config(cfg))
-    tokenizer = load_tokenizer(cfg.model_name)
+    splits = load_run_splits(run_dataset_spec(cfg))
+    image = is_image_model(cfg.model_name)
+    tokenizer = load_pixel_processor(cfg.model_name) if image else load_tokenizer(cfg.model_name)
     model = load_global_model(cfg, splits.task)
     held_out = sort_by_length(
         encode(take(splits.test, cfg.eval_max_examples, cfg.seed), tokenizer, cfg.max_length)
@@ -235,6 +248,11 @@ def build_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
 
 
 app = build_server_app()
+
+
+def _seq_len(cfg: RunConfig, model: transformers.PreTrainedModel) -> int:
+    """Tokens per example a training step sees: ``max-length``, or a ViT's patches + 1."""
+    return image_tokens(model.config) if is_image_model(cfg.model_name) else cfg.max_length
 
 
 def _fmt(value: float | None) -> str:
