@@ -309,14 +309,25 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
 ) -> DataLoader:
-    """Batches of an :func:`encode`-d split, padded per batch to its longest example."""
-    regression = ds.features["labels"].dtype.startswith("float")
+    """Batches of an :func:`encode`-d split, padded per batch to its longest example.
+
+    Token-level labels (a causal-LM split, :func:`raffm_core.lm_data.encode_instructions`)
+    are padded with ``-100`` on the tokenizer's padding side.
+    """
+    feature = ds.features["labels"]
+    per_token = isinstance(feature, (datasets.Sequence, datasets.List))
+    regression = not per_token and feature.dtype.startswith("float")
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         labels = [row["labels"] for row in rows]
         batch = tokenizer.pad(
             [{k: v for k, v in row.items() if k != "labels"} for row in rows], return_tensors="pt"
         )
+        if per_token:
+            width = batch["input_ids"].shape[1]
+            fill = [[-100] * (width - len(row)) for row in labels]
+            left = tokenizer.padding_side == "left"
+            labels = [f + row if left else row + f for f, row in zip(fill, labels, strict=True)]
         batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
         return dict(batch)
 
