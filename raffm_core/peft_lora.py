@@ -259,12 +259,15 @@ def read_base_slices(
     spec: SubnetSpec,
     keys: Iterable[str],
     base_prefix: str = "",
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The ``spec`` slices of the base weights ``keys``, read from a safetensors checkpoint.
 
     Only the kept rows or columns of each elastic tensor are read
     (``get_slice``, in runs of consecutive positions), one tensor at a time:
-    the full model is never in memory.
+    the full model is never in memory. With ``into``, each slice is copied
+    into the tensor of the same key there (a sub-model's parameters) and
+    dropped, so the sub-model's weights are never held twice.
 
     Parameters
     ----------
@@ -278,11 +281,16 @@ def read_base_slices(
     base_prefix : str
         The model's ``base_model_prefix`` (``"model"``, ``"bert"``): a key may
         be stored with or without it, as checkpoints of the bare base model are.
+    into : mapping, optional
+        Destination tensors by key (``model.state_dict()``), at the ``spec``
+        shapes; the returned dict then holds these tensors.
 
     Raises
     ------
     UnsupportedModelError
         If a key is not in the checkpoint; the message names it.
+    SpecError
+        If a destination in ``into`` is missing or has another shape.
     """
     slices = layout.slices(spec)
     keys = list(keys)
@@ -300,7 +308,17 @@ def read_base_slices(
                     f"{checkpoint}: the frozen base weight {key!r} is not in the checkpoint"
                 )
             axis, index = slices.get(key, (None, None))
-            out[key] = _read(handle, name, axis, index).to(torch.float32)
+            tensor = _read(handle, name, axis, index)
+            if into is None:
+                out[key] = tensor.to(torch.float32)
+                continue
+            if key not in into or tuple(into[key].shape) != tuple(tensor.shape):
+                have = tuple(into[key].shape) if key in into else "nothing"
+                raise SpecError(f"{key}: slice of shape {tuple(tensor.shape)}, destination {have}")
+            with torch.no_grad():
+                into[key].copy_(tensor)
+            out[key] = into[key]
+            del tensor
     for key in keys:
         if key not in out:
             out[key] = out[layout.tied[key]]
@@ -348,10 +366,25 @@ def build_lora_submodel(
     """
     head = {k: v for k, v in trainable.items() if is_head_key(k)}
     base_keys = [k for k in layout.shapes if k not in head]
-    prefix = config_base_prefix(config)
-    state = read_base_slices(checkpoint, layout, spec, base_keys, prefix)
-    state.update({k: v.to(torch.float32) for k, v in head.items()})
-    model = build_submodel(config, spec, state)
+    expected = layout.sub_shapes(spec)
+    for key, tensor in head.items():
+        if key not in expected or tuple(tensor.shape) != expected[key]:
+            raise SpecError(
+                f"head tensor {key} of shape {tuple(tensor.shape)} is not in the sub-model "
+                f"(expected {expected.get(key, 'no such key')})"
+            )
+    # Allocate the sub-model once (uninitialized) and stream the base into it.
+    model = build_submodel(config, spec)
+    destination = model.state_dict()
+    missing = sorted(set(destination) - set(base_keys) - set(head))
+    if missing:
+        raise SpecError(f"sub-model weights {missing[:5]} are neither base nor head")
+    read_base_slices(checkpoint, layout, spec, base_keys, config_base_prefix(config), destination)
+    with torch.no_grad():
+        for key, tensor in head.items():
+            destination[key].copy_(tensor)
+    if layout.tied:
+        model.tie_weights()  # to_empty() gave each alias its own storage
     wrapped = attach_lora(model, settings)
     load_trainable_state(wrapped, trainable)
     wrapped.eval()
