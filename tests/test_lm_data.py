@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import datasets
 import numpy as np
@@ -190,3 +191,27 @@ def test_raffm_lora_sub_model_of_a_causal_lm_learns_to_answer_with_a_frozen_base
     for key, expected in oracle.items():
         wrapped = key.removesuffix(".weight") + ".base_layer.weight"  # peft moved it
         assert torch.equal(state[wrapped] if wrapped in state else state[key], expected), key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("RAFFM_SLOW_TESTS") != "1", reason="set RAFFM_SLOW_TESTS=1 (about 1-3 min)"
+)
+def test_embedded_smollm2_converts_once_to_a_folder_with_the_gguf_models_outputs(tmp_path):
+    """The real SmolLM2 (about a minute and 1.2 GB): converted folder == GGUF-dequantized model."""
+    from raffm_core.smollm2 import gguf_path, materialize_smollm2
+
+    folder = materialize_smollm2(tmp_path)
+    assert materialize_smollm2(tmp_path) == folder  # second call: no conversion
+    ours = T.AutoModelForCausalLM.from_pretrained(folder).eval()
+    source = gguf_path()
+    reference = T.AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32
+    ).eval()
+    tok = T.AutoTokenizer.from_pretrained(folder)
+    batch = tok(["Review: a gorgeous, witty film\nSentiment:"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, reference(**batch).logits)
+    assert ours.config.num_key_value_heads < ours.config.num_attention_heads  # GQA
+    layout = R.describe(T.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2))
+    assert layout.family.name == "LLaMA"
