@@ -50,6 +50,8 @@ LOCAL_FORMATS = {
 """File suffix of a local dataset to the ``datasets`` builder that reads it."""
 
 TEXT, TEXT_PAIR, LABEL = "text", "text_pair", "label"
+CAUSAL_LM = "causal-lm"
+"""``task`` of instruction-style causal-LM fine-tuning on a labelled split."""
 
 
 class DataError(ValueError):
@@ -68,7 +70,7 @@ class DatasetSpec:
         Hub config name (``"sst2"`` of ``glue``); empty for none.
     text_column, text_pair_column, label_column : str
         Column names; ``text_pair_column`` empty for single sentences.
-    task : {"auto", "classification", "regression"}
+    task : {"auto", "classification", "regression", "causal-lm"}
         ``auto`` treats float labels as regression and anything else
         (integers, strings, class labels) as classification.
     train_split, test_split : str
@@ -112,7 +114,7 @@ class TaskInfo:
 
     Attributes
     ----------
-    kind : {"classification", "regression"}
+    kind : {"classification", "regression", "causal-lm"}
     label_names : tuple of str
         Class names in label-index order; empty for regression.
     """
@@ -214,6 +216,8 @@ def _normalize(ds: datasets.Dataset, spec: DatasetSpec, name: str) -> datasets.D
 
 
 def _task_of(ds: datasets.Dataset, task: str) -> TaskInfo:
+    if task == CAUSAL_LM:  # labels become response words (raffm_core.lm_data)
+        return TaskInfo(CAUSAL_LM, _task_of(ds, "classification").label_names)
     feature = ds.features[LABEL]
     is_float = isinstance(feature, datasets.Value) and feature.dtype.startswith("float")
     if task == "regression" or (task == "auto" and is_float):
@@ -273,7 +277,7 @@ def load_splits(spec: DatasetSpec) -> Splits:
     """
     train = _normalize(_load_split(spec, spec.train_split), spec, f"split {spec.train_split!r}")
     task = _task_of(train, spec.task)
-    if task.kind == "classification" and task.num_labels < 2:
+    if task.kind != "regression" and task.num_labels < 2:
         raise DataError(f"classification needs at least 2 labels, found {task.label_names}")
     if spec.test_split:
         test = _normalize(_load_split(spec, spec.test_split), spec, f"split {spec.test_split!r}")
@@ -300,6 +304,17 @@ def encode(
         return {**enc, "labels": batch[LABEL]}
 
     return ds.map(tokenize, batched=True, remove_columns=ds.column_names, keep_in_memory=True)
+
+
+def encode_task(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, task: TaskInfo
+) -> datasets.Dataset:
+    """:func:`encode`, or for ``causal-lm`` :func:`raffm_core.lm_data.encode_instructions`."""
+    if task.kind != CAUSAL_LM:
+        return encode(ds, tokenizer, max_length)
+    from .lm_data import encode_instructions, response_words
+
+    return encode_instructions(ds, tokenizer, max_length, response_words(task.label_names))
 
 
 def make_loader(
@@ -374,6 +389,10 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, task: TaskInfo) -
 
     The model is put in eval mode and left there.
     """
+    if task.kind == CAUSAL_LM:
+        from .lm_data import evaluate_lm
+
+        return evaluate_lm(model, loader)
     model.eval()
     total_loss, count = 0.0, 0
     outputs: list[np.ndarray] = []

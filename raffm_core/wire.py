@@ -70,7 +70,7 @@ EMBEDDED_SMOLLM2 = "embedded:smollm2"
 STRATEGIES = ("raffm",)
 PARTITIONERS = ("iid", "dirichlet")
 BUDGET_ASSIGNMENTS = ("round-robin", "random")
-TASKS = ("auto", "classification", "regression")
+TASKS = ("auto", "classification", "regression", "causal-lm")
 PRECISIONS = ("no", "bf16")
 PEFT_METHODS = ("none", "lora")
 

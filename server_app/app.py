@@ -18,9 +18,10 @@ from flwr.serverapp.strategy import Strategy
 
 from raffm_core import ServerOptimizer, TrainingProfile, base_config, describe
 from raffm_core.data import (
+    CAUSAL_LM,
     DatasetSpec,
     TaskInfo,
-    encode,
+    encode_task,
     evaluate_model,
     load_splits,
     load_tokenizer,
@@ -52,6 +53,9 @@ transformers.utils.logging.disable_progress_bar()
 def load_global_model(cfg: RunConfig, task: TaskInfo) -> transformers.PreTrainedModel:
     """The pretrained encoder with a (seeded) head for ``task``, on the server only."""
     torch.manual_seed(cfg.seed)
+    if task.kind == CAUSAL_LM:  # no new head: the LM head answers
+        source = resolve_model_source(cfg.model_name)
+        return transformers.AutoModelForCausalLM.from_pretrained(source).eval()
     labels = (
         {}
         if task.kind == "regression"
@@ -171,9 +175,8 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             ",".join(lora.settings.target_modules),
             lora.count_adapters(),
         )
-    held_out = sort_by_length(
-        encode(take(splits.test, cfg.eval_max_examples, cfg.seed), tokenizer, cfg.max_length)
-    )
+    scored = take(splits.test, cfg.eval_max_examples, cfg.seed)
+    held_out = sort_by_length(encode_task(scored, tokenizer, cfg.max_length, splits.task))
     log(
         INFO,
         "data: %d train / %d held-out examples (%d scored centrally), task %s %s",

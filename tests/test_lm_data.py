@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -215,3 +216,67 @@ def test_embedded_smollm2_converts_once_to_a_folder_with_the_gguf_models_outputs
     assert ours.config.num_key_value_heads < ours.config.num_attention_heads  # GQA
     layout = R.describe(T.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2))
     assert layout.family.name == "LLaMA"
+
+
+def test_a_federated_causal_lm_lora_round_trains_adapters_only(tmp_path):
+    """``task = "causal-lm"`` with ``peft = "lora"``: 2 nodes, 1 round, adapters only travel."""
+    from flwr.simulation import run_simulation
+    from safetensors.torch import load_file
+
+    from client_app.app import build_client_app
+    from server_app.app import build_server_app
+    from tests.assets import write_polarity_csv
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    config = T.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    T.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    overrides = {
+        "model-name": str(tmp_path / "lm"),
+        "dataset": str(write_polarity_csv(tmp_path / "polarity.csv", 60)),
+        "task": "causal-lm",
+        "results-dir": str(tmp_path / "results"),
+        "min-available-nodes": 2,
+        "num-server-rounds": 1,
+        "min-replies": 2,
+        "budget-profile": "params=0.6,params=1.0",
+        "partitioner": "iid",
+        "max-length": 24,
+        "local-steps": 2,
+        "batch-size": 8,
+        "lr": 1e-2,
+        "peft": "lora",
+        "lora-rank": 2,
+        "lora-dropout": 0.0,
+        "save-models": True,
+    }
+    run_simulation(
+        server_app=build_server_app(overrides),
+        client_app=build_client_app(overrides),
+        num_supernodes=2,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2},
+        },
+    )
+    results = tmp_path / "results"
+    clients = json.loads((results / "rounds.json").read_text())[1]["clients"]
+    assert [c["status"] for c in clients] == ["accepted", "accepted"]
+    adapters = load_file(str(results / "final-adapters.safetensors"))
+    assert adapters and all(".lora_" in k for k in adapters)  # no head under causal LM
+    sizes = {c["budget"]: c["bytes-down"] for c in clients}
+    assert sizes["params=0.6"] < sizes["params=1"]
+    summary = json.loads((results / "summary.json").read_text())
+    assert 0.0 <= summary["final-accuracy"] <= 1.0
