@@ -9,7 +9,7 @@ the sub-model's arrays. It never loads or materializes the full model; from
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from transformers import AutoConfig, PreTrainedModel
 
+from client_app.lora import build_lora_model
 from client_app.partition import LocalData, load_local_data, node_budget, node_partition
 from client_app.training import (
     InstructionError,
@@ -40,6 +41,7 @@ from raffm_core.wire import (
     NUM_EXAMPLES,
     PARTITION_ID,
     PEAK_MEMORY_MB,
+    PEFT,
     SPEC,
     TRAIN_LOSS,
     TRAIN_STEPS,
@@ -60,6 +62,8 @@ class Job:
     model: PreTrainedModel
     keys: tuple[str, ...]
     data: LocalData
+    read_state: Callable[[], Mapping[str, torch.Tensor]]
+    """The arrays to send back: the model's state dict, or adapters and head under LoRA."""
 
 
 def load_job(msg: Message, context: Context, defaults: Mapping[str, Any] | None) -> Job:
@@ -80,10 +84,15 @@ def load_job(msg: Message, context: Context, defaults: Mapping[str, Any] | None)
     base = AutoConfig.for_model(**json.loads(config_value(config, BASE_CONFIG, str)))
     arrays = msg.content.array_records[ARRAYS]
     keys = tuple(arrays.keys())
-    model = build_submodel(base, spec, arrays.to_torch_state_dict(keep_input=False))
+    received = arrays.to_torch_state_dict(keep_input=False)
+    if config.get(PEFT, "none") == "lora":
+        model, read_state = build_lora_model(cfg.model_name, base, spec, received, config)
+    else:
+        model = build_submodel(base, spec, received)
+        read_state = model.state_dict
     partition_id, num_partitions = node_partition(context.node_config)
     data = load_local_data(cfg, partition_id, num_partitions, config_value(config, MAX_LENGTH, int))
-    return Job(cfg, config, partition_id, model, keys, data)
+    return Job(cfg, config, partition_id, model, keys, data, read_state)
 
 
 def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
@@ -110,7 +119,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         settings = TrainSettings.from_config(job.config, job.partition_id)
         with peak_memory() as memory:
             result = train_submodel(job.model, job.data.train, job.data.tokenizer, settings)
-        state = job.model.state_dict()
+        state = job.read_state()
         arrays = ArrayRecord({k: state[k].detach() for k in job.keys})
         metrics = MetricRecord(
             {

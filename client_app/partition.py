@@ -27,7 +27,7 @@ from raffm_core.data import (
     DatasetSpec,
     Splits,
     TaskInfo,
-    encode,
+    encode_task,
     load_tokenizer,
 )
 from raffm_core.images import ImageDatasetSpec, PixelProcessor
@@ -132,8 +132,8 @@ def load_local_data(
     train, test = _partitioners(cfg, num_partitions)
     task = _splits(run_dataset_spec(cfg)).task
     return LocalData(
-        train=encode(train.load_partition(partition_id), tokenizer, max_length),
-        test=encode(test.load_partition(partition_id), tokenizer, max_length),
+        train=encode_task(train.load_partition(partition_id), tokenizer, max_length, task),
+        test=encode_task(test.load_partition(partition_id), tokenizer, max_length, task),
         task=task,
         tokenizer=tokenizer,
     )

