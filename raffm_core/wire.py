@@ -132,6 +132,9 @@ class RunConfig:
     results_dir: str = "results"
     save_models: bool = True
     save_round_models: bool = False
+    # checkpoints (server_app/checkpoint.py)
+    checkpoint_dir: str = ""
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

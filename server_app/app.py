@@ -41,6 +41,7 @@ from raffm_core.wire import (
     RunConfig,
 )
 
+from .checkpoint import Checkpointer, checkpoint_path
 from .outputs import prepare_results_dir, save_model, write_outputs
 from .strategy import RaFFM
 
@@ -163,6 +164,10 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     )
     strategy = build_strategy(cfg, model)
     initial = ArrayRecord(model.state_dict())
+    checkpointer = Checkpointer(cfg, checkpoint_path(cfg, out), strategy, evaluator)
+    last_round = 0
+    if cfg.resume:
+        last_round, initial = checkpointer.restore()
     train_config = ConfigRecord(
         {
             LR: cfg.lr,
@@ -186,6 +191,8 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         train_config,
         evaluate_config,
         evaluator,
+        first_round=last_round + 1,
+        on_round_end=checkpointer,
     )
     final = result.arrays if len(result.arrays) else initial
     if cfg.save_models:
@@ -198,7 +205,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         out,
         cfg,
         strategy.history,
-        dict(result.evaluate_metrics_serverapp),
+        {**checkpointer.central, **result.evaluate_metrics_serverapp},
         splits.task.primary_metric,
         initial.count_bytes(),
         time.monotonic() - started,

@@ -30,6 +30,7 @@ from raffm_core.wire import (
     SERVER_ROUND,
 )
 
+from .checkpoint import RoundOffset
 from .instructions import build_instruction, prioritized
 from .nodes import query_budgets, sample_nodes, spec_seed, wait_for_nodes
 from .records import NodeBudget, RoundLog, Sent
@@ -37,6 +38,7 @@ from .replies import check_evaluate_reply, check_train_reply, match_replies
 
 State = dict[str, torch.Tensor]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+RoundEndFn = Callable[[int, ArrayRecord, MetricRecord | None], None]
 
 
 @dataclass
@@ -209,29 +211,62 @@ class RaFFM(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
+        *,
+        first_round: int = 1,
+        on_round_end: RoundEndFn | None = None,
     ) -> Result:
         """Query budgets, then run Flower's loop; logs one progress line per round.
 
-        Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`.
+        Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`,
+        plus:
+
+        first_round : int
+            Resume: ``initial_arrays`` is the global model after round
+            ``first_round - 1`` (already evaluated), and rounds
+            ``first_round .. num_rounds`` run. The result's rounds keep their
+            true numbers.
+        on_round_end : callable, optional
+            ``on_round_end(server_round, arrays, central_metrics)`` after each
+            complete round, and after the initial evaluation as round 0 (the
+            ServerApp writes its checkpoint there).
         """
         self.num_rounds = num_rounds
+        offset = first_round - 1
         wait_for_nodes(grid, self.min_available_nodes, self.query_timeout)
         self.query_budgets(grid)
 
-        def evaluate_and_report(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        def evaluate_and_report(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if flower_round == 0 and offset:  # evaluated before the interruption
+                return None
+            server_round = flower_round + offset
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
             self._log_progress(server_round, metrics)
+            if on_round_end is not None:
+                on_round_end(server_round, arrays, metrics)
             return metrics
 
-        return super().start(
+        if offset >= num_rounds:
+            log(INFO, "all %d rounds were complete already", num_rounds)
+            return Result(arrays=initial_arrays)
+        result = Strategy.start(
+            RoundOffset(self, offset) if offset else self,
             grid,
             initial_arrays,
-            num_rounds,
+            num_rounds - offset,
             timeout,
             train_config,
             evaluate_config,
             evaluate_and_report,
         )
+        for history in (
+            result.train_metrics_clientapp,
+            result.evaluate_metrics_clientapp,
+            result.evaluate_metrics_serverapp,
+        ):
+            shifted = {r + offset: m for r, m in history.items()}
+            history.clear()
+            history.update(shifted)
+        return result
 
     def query_budgets(self, grid: Grid, node_ids: Iterable[int] | None = None) -> None:
         """Ask nodes (default: every registered one) for their budget; see :mod:`.nodes`."""
