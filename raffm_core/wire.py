@@ -91,6 +91,7 @@ class RunConfig:
     min_evaluate_nodes: int = 2
     round_timeout_s: float = 600.0
     query_timeout_s: float = 120.0
+    max_num_examples: int = 0
     # model
     model_name: str = EMBEDDED_MINILM
     # data
@@ -162,6 +163,7 @@ class RunConfig:
             "min_evaluate_nodes",
             "local_steps",
             "eval_max_examples",
+            "max_num_examples",
         ):
             self._check_range(name, getattr(self, name) >= 0, ">= 0")
         for name in ("fraction_train", "fraction_evaluate"):

@@ -95,6 +95,7 @@ def build_strategy(cfg: RunConfig, model: transformers.PreTrainedModel) -> Strat
         profile=TrainingProfile(batch_size=cfg.batch_size, seq_len=cfg.max_length),
         seed=cfg.seed,
         query_timeout=cfg.query_timeout_s,
+        max_num_examples=cfg.max_num_examples,
     )
 
 

@@ -34,7 +34,7 @@ from .checkpoint import RoundOffset
 from .instructions import build_instruction, prioritized
 from .nodes import query_budgets, sample_nodes, spec_seed, wait_for_nodes
 from .records import NodeBudget, RoundLog, Sent
-from .replies import check_evaluate_reply, check_train_reply, match_replies
+from .replies import cap_examples, check_evaluate_reply, check_train_reply, match_replies
 
 State = dict[str, torch.Tensor]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -127,6 +127,9 @@ class RaFFM(Strategy):
         Seeds node sampling and ``sample``-mode spec draws, never global RNGs.
     query_timeout : float
         Seconds to wait for nodes to register, and for budget replies.
+    max_num_examples : int
+        Cap on a reply's ``num-examples`` (its aggregation weight), logged
+        when applied; 0 for no cap.
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class RaFFM(Strategy):
         profile: TrainingProfile | None = None,
         seed: int = 0,
         query_timeout: float = 120.0,
+        max_num_examples: int = 0,
     ) -> None:
         self.layout = layout
         self.base_config = base_config
@@ -163,6 +167,7 @@ class RaFFM(Strategy):
         self.profile = profile or TrainingProfile()
         self.seed = seed
         self.query_timeout = query_timeout
+        self.max_num_examples = max_num_examples
         self.nodes: dict[int, NodeBudget] = {}
         self.skipped: dict[int, str] = {}
         self.history: dict[int, RoundLog] = {}
@@ -324,8 +329,12 @@ class RaFFM(Strategy):
             replies,
             pending.sent,
             "reply",
-            lambda reply, sent: check_train_reply(
-                reply, sent.client.node_id, sent.spec, self.layout, pending.state
+            lambda reply, sent: cap_examples(
+                check_train_reply(
+                    reply, sent.client.node_id, sent.spec, self.layout, pending.state
+                ),
+                self.max_num_examples,
+                sent.client.node_id,
             ),
         )
         if len(accepted) < self.min_replies:
