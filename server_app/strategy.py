@@ -235,6 +235,8 @@ class RaFFM(Strategy):
             complete round, and after the initial evaluation as round 0 (the
             ServerApp writes its checkpoint there).
         """
+        if first_round < 1:
+            raise ValueError(f"first_round must be >= 1, got {first_round}")
         self.num_rounds = num_rounds
         offset = first_round - 1
         wait_for_nodes(grid, self.min_available_nodes, self.query_timeout)
