@@ -4,7 +4,9 @@ In simulation a virtual node knows only its ``partition-id`` and
 ``num-partitions`` (Flower's node config); its budget tier and its data are
 derived from them and the run config. In deployment the node config can
 carry ``budget`` directly (``flower-supernode --node-config 'budget="params=0.5"
-partition-id=0 num-partitions=4'``).
+partition-id=0 num-partitions=4'``), or ``budget="auto"``: the node then
+measures the memory it may use and reports a ``memory-mb`` budget
+(:mod:`raffm_core.device`).
 
 Loading is cached per process: a Ray actor serves many virtual nodes in turn,
 and the dataset, tokenizer and partitioner are the same for all of them.
@@ -15,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from logging import INFO
 from typing import Any
 
 import datasets
 import numpy as np
+from flwr.common.logger import log
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 from transformers import PreTrainedTokenizerBase
 
@@ -30,6 +34,7 @@ from raffm_core.data import (
     encode_task,
     load_tokenizer,
 )
+from raffm_core.device import auto_budget, measure_memory
 from raffm_core.images import ImageDatasetSpec, PixelProcessor
 from raffm_core.vit import is_image_model, load_pixel_processor, load_run_splits, run_dataset_spec
 from raffm_core.wire import BUDGET, NUM_PARTITIONS, PARTITION_ID, ConfigError, RunConfig
@@ -69,16 +74,29 @@ def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
     return pid, total
 
 
+AUTO_BUDGET = "auto"
+"""Node-config budget that asks the node to measure its own memory."""
+
+
 def node_budget(cfg: RunConfig, node_config: Mapping[str, Any]) -> str:
     """The budget string this node reports; the server parses and checks it.
 
-    ``budget`` in the node config wins. Otherwise the node takes a tier of
+    ``budget`` in the node config wins; ``budget="auto"`` becomes the
+    ``memory-mb`` budget :func:`raffm_core.device.auto_budget` derives from
+    what :func:`raffm_core.device.measure_memory` reads now, and the node
+    logs both. Otherwise the node takes a tier of
     ``budget-profile``: tier ``partition-id mod len(profile)`` under
     ``round-robin``, or one drawn with a generator seeded by
     ``(seed, partition-id)`` under ``random``.
     """
     if BUDGET in node_config:
-        return str(node_config[BUDGET])
+        budget = str(node_config[BUDGET])
+        if budget != AUTO_BUDGET:
+            return budget
+        reading = measure_memory()
+        chosen = str(auto_budget(reading))
+        log(INFO, "budget auto: measured %s; reporting %s", reading.describe(), chosen)
+        return chosen
     pid, _ = node_partition(node_config)
     tiers = cfg.budget_tiers
     if cfg.budget_assignment == "round-robin":

@@ -100,6 +100,7 @@ class RunConfig:
     min_evaluate_nodes: int = 2
     round_timeout_s: float = 600.0
     query_timeout_s: float = 120.0
+    max_num_examples: int = 0
     # model
     model_name: str = EMBEDDED_MINILM
     # parameter-efficient fine-tuning (README: "LoRA and LLaMA-family models")
@@ -148,6 +149,9 @@ class RunConfig:
     results_dir: str = "results"
     save_models: bool = True
     save_round_models: bool = False
+    # checkpoints (server_app/checkpoint.py)
+    checkpoint_dir: str = ""
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -179,6 +183,7 @@ class RunConfig:
             "min_evaluate_nodes",
             "local_steps",
             "eval_max_examples",
+            "max_num_examples",
         ):
             self._check_range(name, getattr(self, name) >= 0, ">= 0")
         for name in ("fraction_train", "fraction_evaluate"):

@@ -48,6 +48,7 @@ from raffm_core.wire import (
     RunConfig,
 )
 
+from .checkpoint import Checkpointer, checkpoint_path
 from .lora import LoraGlobalModel, RaFFMLoRA, lora_settings
 from .outputs import prepare_results_dir, save_model, write_outputs
 from .strategy import RaFFM
@@ -121,6 +122,7 @@ def build_strategy(
         profile=profile,
         seed=cfg.seed,
         query_timeout=cfg.query_timeout_s,
+        max_num_examples=cfg.max_num_examples,
     )
 
 
@@ -210,6 +212,10 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     )
     strategy = build_strategy(cfg, model, lora)
     initial = ArrayRecord(lora.state() if lora else model.state_dict())
+    checkpointer = Checkpointer(cfg, checkpoint_path(cfg, out), strategy, evaluator)
+    last_round = 0
+    if cfg.resume:
+        last_round, initial = checkpointer.restore()
     train_config = ConfigRecord(
         {
             LR: cfg.lr,
@@ -239,6 +245,8 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         train_config,
         evaluate_config,
         evaluator,
+        first_round=last_round + 1,
+        on_round_end=checkpointer,
     )
     final = result.arrays if len(result.arrays) else initial
     if cfg.save_models:
@@ -253,7 +261,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         out,
         cfg,
         strategy.history,
-        dict(result.evaluate_metrics_serverapp),
+        {**checkpointer.central, **result.evaluate_metrics_serverapp},
         splits.task.primary_metric,
         initial.count_bytes(),
         time.monotonic() - started,

@@ -6,6 +6,7 @@ changes any state, so a rejected reply cannot touch the global model.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import warnings
@@ -171,6 +172,25 @@ def check_train_reply(
                 f"{key!r} has dtype {tensor.dtype}, expected {global_state[key].dtype} as sent"
             )
     return update
+
+
+def cap_examples(update: Update, cap: int, node_id: int) -> Update:
+    """``update`` with ``num_examples`` at most ``cap`` (0: no cap); logs when it caps.
+
+    A client's ``num-examples`` is its aggregation weight; the cap bounds how
+    much one client that overstates its data can pull the global model.
+    """
+    if cap <= 0 or update.num_examples <= cap:
+        return update
+    log(
+        WARNING,
+        "reply from node %d: %s = %d capped to max-num-examples = %d",
+        node_id,
+        NUM_EXAMPLES,
+        update.num_examples,
+        cap,
+    )
+    return dataclasses.replace(update, num_examples=cap)
 
 
 def match_replies(

@@ -31,13 +31,15 @@ from raffm_core.wire import (
     SERVER_ROUND,
 )
 
+from .checkpoint import RoundOffset
 from .instructions import build_instruction, prioritized
 from .nodes import query_budgets, sample_nodes, spec_seed, wait_for_nodes
 from .records import NodeBudget, RoundLog, Sent
-from .replies import check_evaluate_reply, check_train_reply, match_replies
+from .replies import cap_examples, check_evaluate_reply, check_train_reply, match_replies
 
 State = dict[str, torch.Tensor]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+RoundEndFn = Callable[[int, ArrayRecord, MetricRecord | None], None]
 
 
 @dataclass
@@ -126,6 +128,9 @@ class RaFFM(Strategy):
         Seeds node sampling and ``sample``-mode spec draws, never global RNGs.
     query_timeout : float
         Seconds to wait for nodes to register, and for budget replies.
+    max_num_examples : int
+        Cap on a reply's ``num-examples`` (its aggregation weight), logged
+        when applied; 0 for no cap.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class RaFFM(Strategy):
         profile: TrainingProfile | None = None,
         seed: int = 0,
         query_timeout: float = 120.0,
+        max_num_examples: int = 0,
     ) -> None:
         self.layout = layout
         self.base_config = base_config
@@ -162,6 +168,7 @@ class RaFFM(Strategy):
         self.profile = profile or TrainingProfile()
         self.seed = seed
         self.query_timeout = query_timeout
+        self.max_num_examples = max_num_examples
         self.nodes: dict[int, NodeBudget] = {}
         self.skipped: dict[int, str] = {}
         self.history: dict[int, RoundLog] = {}
@@ -210,29 +217,64 @@ class RaFFM(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
+        *,
+        first_round: int = 1,
+        on_round_end: RoundEndFn | None = None,
     ) -> Result:
         """Query budgets, then run Flower's loop; logs one progress line per round.
 
-        Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`.
+        Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`,
+        plus:
+
+        first_round : int
+            Resume: ``initial_arrays`` is the global model after round
+            ``first_round - 1`` (already evaluated), and rounds
+            ``first_round .. num_rounds`` run. The result's rounds keep their
+            true numbers.
+        on_round_end : callable, optional
+            ``on_round_end(server_round, arrays, central_metrics)`` after each
+            complete round, and after the initial evaluation as round 0 (the
+            ServerApp writes its checkpoint there).
         """
+        if first_round < 1:
+            raise ValueError(f"first_round must be >= 1, got {first_round}")
         self.num_rounds = num_rounds
+        offset = first_round - 1
         wait_for_nodes(grid, self.min_available_nodes, self.query_timeout)
         self.query_budgets(grid)
 
-        def evaluate_and_report(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        def evaluate_and_report(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if flower_round == 0 and offset:  # evaluated before the interruption
+                return None
+            server_round = flower_round + offset
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
             self._log_progress(server_round, metrics)
+            if on_round_end is not None:
+                on_round_end(server_round, arrays, metrics)
             return metrics
 
-        return super().start(
+        if offset >= num_rounds:
+            log(INFO, "all %d rounds were complete already", num_rounds)
+            return Result(arrays=initial_arrays)
+        result = Strategy.start(
+            RoundOffset(self, offset) if offset else self,
             grid,
             initial_arrays,
-            num_rounds,
+            num_rounds - offset,
             timeout,
             train_config,
             evaluate_config,
             evaluate_and_report,
         )
+        for history in (
+            result.train_metrics_clientapp,
+            result.evaluate_metrics_clientapp,
+            result.evaluate_metrics_serverapp,
+        ):
+            shifted = {r + offset: m for r, m in history.items()}
+            history.clear()
+            history.update(shifted)
+        return result
 
     def query_budgets(self, grid: Grid, node_ids: Iterable[int] | None = None) -> None:
         """Ask nodes (default: every registered one) for their budget; see :mod:`.nodes`."""
@@ -290,8 +332,12 @@ class RaFFM(Strategy):
             replies,
             pending.sent,
             "reply",
-            lambda reply, sent: check_train_reply(
-                reply, sent.client.node_id, sent.spec, self.layout, pending.state
+            lambda reply, sent: cap_examples(
+                check_train_reply(
+                    reply, sent.client.node_id, sent.spec, self.layout, pending.state
+                ),
+                self.max_num_examples,
+                sent.client.node_id,
             ),
         )
         if len(accepted) < self.min_replies:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Launch the app on the deployment: `flwr run . $CONNECTION --stream`, then
+# read the run's final status back (`flwr run` exits 0 even when the
+# ServerApp failed) and exit non-zero unless it is finished:completed.
+#
+# Usage: scripts/deploy/run.sh [RUN_CONFIG]   e.g. 'num-server-rounds=2 min-available-nodes=3'
+# The run's log is written to $DEPLOY_DIR/logs/run.log.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$ROOT"
+
+LOG="$LOGS/run.log"
+flwr run . "$CONNECTION" --stream ${1:+--run-config "$1"} 2>&1 | tee "$LOG"
+RUN_ID="$(sed -n 's/.*Successfully started run \([0-9][0-9]*\).*/\1/p' "$LOG" | head -n1)"
+[[ -n "$RUN_ID" ]] || { say "ERROR: flwr run did not start a run (see $LOG)"; exit 1; }
+STATUS="$(flwr ls "$CONNECTION" --run-id "$RUN_ID" --format json | python -c '
+import json, sys
+runs = json.load(sys.stdin).get("runs", [])
+print(runs[0]["status"] if runs else "unknown")
+')"
+say "run $RUN_ID: status $STATUS"
+[[ "$STATUS" == "finished:completed" ]]
