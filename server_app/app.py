@@ -41,8 +41,8 @@ from raffm_core.wire import (
     RunConfig,
 )
 
+from .baselines import strategy_class, strategy_options
 from .outputs import prepare_results_dir, save_model, write_outputs
-from .strategy import RaFFM
 
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
@@ -70,7 +70,7 @@ def load_global_model(cfg: RunConfig, task: TaskInfo) -> transformers.PreTrained
 
 
 def build_strategy(cfg: RunConfig, model: transformers.PreTrainedModel) -> Strategy:
-    """The strategy named by ``strategy`` (only ``raffm`` so far)."""
+    """The strategy named by ``strategy`` (see :mod:`server_app.baselines`)."""
     optimizer = ServerOptimizer(
         cfg.server_update,
         lr=cfg.server_lr,
@@ -78,7 +78,7 @@ def build_strategy(cfg: RunConfig, model: transformers.PreTrainedModel) -> Strat
         beta2=cfg.server_beta2,
         tau=cfg.server_tau,
     )
-    return RaFFM(
+    return strategy_class(cfg.strategy)(
         describe(model),
         base_config(model).to_json_string(),
         fraction_train=cfg.fraction_train,
@@ -94,6 +94,7 @@ def build_strategy(cfg: RunConfig, model: transformers.PreTrainedModel) -> Strat
         profile=TrainingProfile(batch_size=cfg.batch_size, seq_len=cfg.max_length),
         seed=cfg.seed,
         query_timeout=cfg.query_timeout_s,
+        **strategy_options(cfg),
     )
 
 

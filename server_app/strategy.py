@@ -19,6 +19,7 @@ from raffm_core import (
     ModelLayout,
     Permutation,
     ServerOptimizer,
+    SubnetSpec,
     TrainingProfile,
     aggregate,
     select_subnet,
@@ -45,7 +46,7 @@ class _Pending:
 
     server_round: int
     state: State
-    permutation: Permutation
+    permutation: Permutation | None
     sent: list[Sent] = field(default_factory=list)
 
 
@@ -249,19 +250,20 @@ class RaFFM(Strategy):
         """Prioritize the global model and build one sub-model instruction per sampled node."""
         started = time.monotonic()
         self._query_newcomers(grid)
-        state, permutation = prioritized(arrays, self.layout, self.salience_norm)
+        state, permutation = self.global_state(arrays)
         eligible = self._eligible(grid)
         nodes = sample_nodes(
             eligible, self.fraction_train, self.min_train_nodes, self.seed, server_round, "train"
         )
         pending = _Pending(server_round, state, permutation)
+        excluded: dict[int, str] = {}
         for node in nodes:
-            sent = self._instruct(node, server_round, state, config, MessageType.TRAIN)
+            sent = self._instruct(node, server_round, state, config, MessageType.TRAIN, excluded)
             if sent is not None:
                 pending.sent.append(sent)
         self._pending = pending
         self.history[server_round] = RoundLog(
-            server_round, started, [s.client for s in pending.sent]
+            server_round, started, [s.client for s in pending.sent], excluded=excluded
         )
         log(
             INFO,
@@ -308,7 +310,8 @@ class RaFFM(Strategy):
         updates = [update for update, _ in accepted]
         fused, coverage = aggregate(pending.state, updates, self.layout, return_coverage=True)
         # The optimizer's moments follow the model only once the round is kept.
-        self.server_optimizer.permute(self.layout, pending.permutation)
+        if pending.permutation is not None:
+            self.server_optimizer.permute(self.layout, pending.permutation)
         new_state = self.server_optimizer.step(pending.state, fused, coverage)
         metrics = aggregate_metricrecords([reply.content for _, reply in accepted], NUM_EXAMPLES)
         entry.train_metrics = dict(metrics)
@@ -322,7 +325,7 @@ class RaFFM(Strategy):
         self._pending_eval = []
         if self.fraction_evaluate == 0.0:
             return []
-        state, _ = prioritized(arrays, self.layout, self.salience_norm)
+        state, _ = self.global_state(arrays)
         nodes = sample_nodes(
             self._eligible(grid),
             self.fraction_evaluate,
@@ -355,6 +358,32 @@ class RaFFM(Strategy):
             self.history[server_round].evaluate_metrics = dict(metrics)
         return metrics
 
+    # ------------------------------------------- what subclasses may swap
+    def global_state(self, arrays: ArrayRecord) -> tuple[State, Permutation | None]:
+        """The global model sub-models are cut from, and the reordering applied to it.
+
+        RaFFM prioritizes every round (:func:`.instructions.prioritized`); a
+        strategy that does not returns the state as it is and ``None``. The
+        state must be fresh tensors: ``arrays`` is never changed.
+        """
+        return prioritized(arrays, self.layout, self.salience_norm)
+
+    def choose_spec(self, node: NodeBudget, server_round: int, stage: str) -> SubnetSpec:
+        """The sub-network ``node`` gets in ``server_round`` (``stage``: train or evaluate).
+
+        Raises
+        ------
+        BudgetError
+            If the node cannot take part; it is left out of the round and reported.
+        """
+        return select_subnet(
+            self.layout,
+            node.budget,
+            self.selection_mode,
+            seed=spec_seed(self.seed, server_round, node, stage),
+            profile=self.profile,
+        )
+
     # -------------------------------------------------------------- helpers
     def _query_newcomers(self, grid: Grid) -> None:
         new = [n for n in grid.get_node_ids() if n not in self.nodes and n not in self.skipped]
@@ -365,19 +394,21 @@ class RaFFM(Strategy):
         return [self.nodes[n] for n in grid.get_node_ids() if n in self.nodes]
 
     def _instruct(
-        self, node: NodeBudget, server_round: int, state: State, config: ConfigRecord, kind: str
+        self,
+        node: NodeBudget,
+        server_round: int,
+        state: State,
+        config: ConfigRecord,
+        kind: str,
+        excluded: dict[int, str] | None = None,
     ) -> Sent | None:
         stage = "train" if kind == MessageType.TRAIN else "evaluate"
         try:
-            spec = select_subnet(
-                self.layout,
-                node.budget,
-                self.selection_mode,
-                seed=spec_seed(self.seed, server_round, node, stage),
-                profile=self.profile,
-            )
+            spec = self.choose_spec(node, server_round, stage)
         except BudgetError as err:
             log(WARNING, "node %d skipped in round %d: %s", node.node_id, server_round, err)
+            if excluded is not None:
+                excluded[node.node_id] = f"budget {node.budget}: {err}"
             return None
         extra = {
             SERVER_ROUND: server_round,
@@ -399,6 +430,8 @@ class RaFFM(Strategy):
         entry.wall_time_s = time.monotonic() - entry.started
         rejected = sum(c.status != "accepted" for c in entry.clients)
         kept = ", previous model kept" if entry.kept_previous else ""
+        if entry.excluded:
+            kept += f", {len(entry.excluded)} excluded"
         log(
             INFO,
             "round %d/%d: %d clients (%d rejected%s), %s, %.1f s",
