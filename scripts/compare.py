@@ -71,8 +71,8 @@ COMMON = {
 
 QUICK = {
     "num-server-rounds": 2,
-    "local-steps": 4,
-    "eval-max-examples": 200,
+    "local-steps": 2,
+    "eval-max-examples": 100,
 }
 """What ``--quick`` changes, for every row alike."""
 
@@ -249,8 +249,10 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--strategies", default=",".join(ROWS), help="rows, comma-separated")
-    parser.add_argument("--quick", action="store_true", help="2 rounds, 4 nodes: a smoke check")
-    parser.add_argument("--nodes", type=int, help="simulated nodes (default 10, --quick 4)")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 nodes, 2 rounds of 2 local steps: a smoke check"
+    )
+    parser.add_argument("--nodes", type=int, help="simulated nodes (default 10, --quick 3)")
     parser.add_argument("--dataset", default=str(ROOT / "data" / "polarity" / "polarity.csv"))
     parser.add_argument(
         "--set",
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ROWS]
     if unknown or not names:
         parser.error(f"unknown rows {unknown}; expected some of {', '.join(ROWS)}")
-    nodes = args.nodes or (4 if args.quick else 10)
+    nodes = args.nodes or (3 if args.quick else 10)
     shared = {**COMMON, **(QUICK if args.quick else {}), **parse_sets(args.set)}
     for name in names:  # fail before any run starts on a bad key or value
         RunConfig.from_mapping({**shared, **ROWS[name], "dataset": args.dataset})
