@@ -325,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         args.ablation_samples if args.ablation_samples is not None else (4 if args.quick else 50)
     )
     raffm_model = out / "runs" / "raffm" / "final-model"
-    if samples > 0 and "raffm" in names and raffm_model.is_dir():
+    if (out / "ablation" / "ablation.json").is_file():
+        print(f"=== zero-shot ablation: reusing {out / 'ablation'}")
+    elif samples > 0 and "raffm" in names and raffm_model.is_dir():
         from ablation_zero_shot import markdown_table, run_ablation
         from ablation_zero_shot import write_outputs as write_ablation
 
