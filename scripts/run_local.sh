@@ -12,7 +12,8 @@
 #   processes it started (by pid, found through a marker in their environment).
 #
 # Usage: scripts/run_local.sh [extra --run-config overrides, e.g. 'num-server-rounds=8']
-# Environment: NUM_SUPERNODES (default 10), RESULTS_DIR (default results/<timestamp>).
+# Environment: NUM_SUPERNODES (default 10), RESULTS_DIR (default results/<timestamp>),
+# DATASET (default data/polarity/polarity.csv; an absolute path or a hub name).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,7 +28,7 @@ mkdir -p "$FLWR_HOME"
 
 NUM_SUPERNODES="${NUM_SUPERNODES:-10}"
 RESULTS_DIR="${RESULTS_DIR:-$ROOT/results/$(date +%Y%m%d-%H%M%S)}"
-DATASET="$ROOT/data/polarity/polarity.csv"
+DATASET="${DATASET:-$ROOT/data/polarity/polarity.csv}"
 mkdir -p "$RESULTS_DIR"
 LOG="$RESULTS_DIR/flwr-run.log"
 

@@ -48,10 +48,10 @@ from raffm_core.wire import (
     RunConfig,
 )
 
+from .baselines import strategy_class, strategy_options
 from .checkpoint import Checkpointer, checkpoint_path
 from .lora import LoraGlobalModel, RaFFMLoRA, lora_settings
 from .outputs import prepare_results_dir, save_model, write_outputs
-from .strategy import RaFFM
 
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
@@ -90,7 +90,7 @@ def load_global_model(cfg: RunConfig, task: TaskInfo) -> transformers.PreTrained
 def build_strategy(
     cfg: RunConfig, model: transformers.PreTrainedModel, lora: LoraGlobalModel | None = None
 ) -> Strategy:
-    """The strategy named by ``strategy`` (only ``raffm`` so far); on LoRA arrays with ``lora``."""
+    """The strategy named by ``strategy`` (:mod:`server_app.baselines`); with ``lora``, LoRA."""
     optimizer = ServerOptimizer(
         cfg.server_update,
         lr=cfg.server_lr,
@@ -105,7 +105,10 @@ def build_strategy(
             seq_len=_seq_len(cfg, model),
             trainable_params=sum(v.numel() for v in lora.state().values()),
         )
-    cls, first = (RaFFM, describe(model)) if lora is None else (RaFFMLoRA, lora)
+    if lora is None:
+        cls, first = strategy_class(cfg.strategy), describe(model)
+    else:
+        cls, first = RaFFMLoRA, lora
     return cls(
         first,
         base_config(model).to_json_string(),
@@ -123,6 +126,7 @@ def build_strategy(
         seed=cfg.seed,
         query_timeout=cfg.query_timeout_s,
         max_num_examples=cfg.max_num_examples,
+        **strategy_options(cfg),
     )
 
 

@@ -101,6 +101,8 @@ def summarize(
         "rounds-kept-previous-model": sum(e.kept_previous for e in history.values()),
         "client-rounds": len(clients),
         "replies-rejected": sum(c.status != "accepted" for c in clients),
+        "clients-excluded": len({n for e in history.values() for n in e.excluded}),
+        "client-rounds-excluded": sum(len(e.excluded) for e in history.values()),
         "mean-client-params-fraction": _mean([c.params_fraction for c in clients]),
         "mean-bytes-per-client-round": mean_bytes,
         "full-model-bytes": full_model_bytes,

@@ -87,6 +87,7 @@ class RoundLog:
     wall_time_s: float | None = None
     train_metrics: dict[str, Any] = field(default_factory=dict)
     evaluate_metrics: dict[str, Any] = field(default_factory=dict)
+    excluded: dict[int, str] = field(default_factory=dict)  # node id -> why it was left out
 
     @property
     def num_accepted(self) -> int:
@@ -97,6 +98,7 @@ class RoundLog:
             "round": self.server_round,
             "clients-sampled": len(self.clients),
             "clients-accepted": self.num_accepted,
+            "clients-excluded": [{"node": n, "reason": r} for n, r in self.excluded.items()],
             "kept-previous-model": self.kept_previous,
             "wall-time-s": self.wall_time_s,
             "train-metrics": self.train_metrics,

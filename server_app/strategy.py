@@ -298,13 +298,14 @@ class RaFFM(Strategy):
             eligible, self.fraction_train, self.min_train_nodes, self.seed, server_round, "train"
         )
         pending = _Pending(server_round, state, permutation)
+        excluded: dict[int, str] = {}
         for node in nodes:
-            sent = self._instruct(node, server_round, state, config, MessageType.TRAIN)
+            sent = self._instruct(node, server_round, state, config, MessageType.TRAIN, excluded)
             if sent is not None:
                 pending.sent.append(sent)
         self._pending = pending
         self.history[server_round] = RoundLog(
-            server_round, started, [s.client for s in pending.sent]
+            server_round, started, [s.client for s in pending.sent], excluded=excluded
         )
         log(
             INFO,
@@ -403,7 +404,7 @@ class RaFFM(Strategy):
             self.history[server_round].evaluate_metrics = dict(metrics)
         return metrics
 
-    # -------------------------------------------------------------- helpers
+    # ------------------------------------------- what subclasses may swap
     def prepare_state(self, arrays: ArrayRecord) -> tuple[State, Permutation | None]:
         """The global state sub-models are cut from, and the reordering applied to it.
 
@@ -416,6 +417,23 @@ class RaFFM(Strategy):
         """The spec sent for a budget's prefix spec (here the prefix itself)."""
         return spec
 
+    def choose_spec(self, node: NodeBudget, server_round: int, stage: str) -> SubnetSpec:
+        """The sub-network ``node`` gets in ``server_round`` (``stage``: train or evaluate).
+
+        Raises
+        ------
+        BudgetError
+            If the node cannot take part; it is left out of the round and reported.
+        """
+        return select_subnet(
+            self.layout,
+            node.budget,
+            self.selection_mode,
+            seed=spec_seed(self.seed, server_round, node, stage),
+            profile=self.profile,
+        )
+
+    # -------------------------------------------------------------- helpers
     def _query_newcomers(self, grid: Grid) -> None:
         new = [n for n in grid.get_node_ids() if n not in self.nodes and n not in self.skipped]
         if new:
@@ -425,19 +443,21 @@ class RaFFM(Strategy):
         return [self.nodes[n] for n in grid.get_node_ids() if n in self.nodes]
 
     def _instruct(
-        self, node: NodeBudget, server_round: int, state: State, config: ConfigRecord, kind: str
+        self,
+        node: NodeBudget,
+        server_round: int,
+        state: State,
+        config: ConfigRecord,
+        kind: str,
+        excluded: dict[int, str] | None = None,
     ) -> Sent | None:
         stage = "train" if kind == MessageType.TRAIN else "evaluate"
         try:
-            spec = select_subnet(
-                self.layout,
-                node.budget,
-                self.selection_mode,
-                seed=spec_seed(self.seed, server_round, node, stage),
-                profile=self.profile,
-            )
+            spec = self.choose_spec(node, server_round, stage)
         except BudgetError as err:
             log(WARNING, "node %d skipped in round %d: %s", node.node_id, server_round, err)
+            if excluded is not None:
+                excluded[node.node_id] = f"budget {node.budget}: {err}"
             return None
         spec = self.place_spec(spec)
         extra = {
@@ -460,6 +480,8 @@ class RaFFM(Strategy):
         entry.wall_time_s = time.monotonic() - entry.started
         rejected = sum(c.status != "accepted" for c in entry.clients)
         kept = ", previous model kept" if entry.kept_previous else ""
+        if entry.excluded:
+            kept += f", {len(entry.excluded)} excluded"
         log(
             INFO,
             "round %d/%d: %d clients (%d rejected%s), %s, %.1f s",

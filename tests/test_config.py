@@ -54,3 +54,8 @@ def test_ints_are_accepted_for_floats():
 def test_budget_tiers_are_split_and_stripped():
     cfg = RunConfig(budget_profile="params=0.6, params=1.0,")
     assert cfg.budget_tiers == ("params=0.6", "params=1.0")
+
+
+def test_lora_with_a_baseline_strategy_is_an_error_naming_both():
+    with pytest.raises(ConfigError, match="peft = 'lora'.*strategy = 'heterofl'"):
+        RunConfig.from_mapping({"peft": "lora", "strategy": "heterofl"})
