@@ -17,7 +17,7 @@ it for central evaluation and the ClientApp for local training.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,17 @@ def _normalize(ds: datasets.Dataset, spec: DatasetSpec, name: str) -> datasets.D
     wanted = {spec.text_column: TEXT, spec.label_column: LABEL}
     if spec.text_pair_column:
         wanted[spec.text_pair_column] = TEXT_PAIR
+    return take_columns(ds, wanted, name)
+
+
+def take_columns(ds: datasets.Dataset, wanted: dict[str, str], name: str) -> datasets.Dataset:
+    """Keep the columns ``wanted`` names, renamed to its values.
+
+    Raises
+    ------
+    DataError
+        If a column is missing; the message names it and the columns there are.
+    """
     missing = [c for c in wanted if c not in ds.column_names]
     if missing:
         raise DataError(f"{name}: no column(s) {missing}; the columns are {ds.column_names}")
@@ -275,15 +286,30 @@ def load_splits(spec: DatasetSpec) -> Splits:
         If the source, a split or a column is missing, or the labels do not
         fit the task; the message names what was expected.
     """
-    train = _normalize(_load_split(spec, spec.train_split), spec, f"split {spec.train_split!r}")
+    return build_splits(spec, _load_split, _normalize)
+
+
+def build_splits(
+    spec: Any,
+    load_split: Callable[[Any, str], datasets.Dataset],
+    normalize: Callable[[datasets.Dataset, Any, str], datasets.Dataset],
+) -> Splits:
+    """The train and held-out splits of ``spec`` for one modality's loader and normalizer.
+
+    ``spec`` has ``task``, ``train_split``, ``test_split``, ``test_fraction``
+    and ``seed``. An empty ``test_split`` carves ``test_fraction`` out of the
+    train split, seeded.
+    """
+    train = normalize(load_split(spec, spec.train_split), spec, f"split {spec.train_split!r}")
     task = _task_of(train, spec.task)
     if task.kind != "regression" and task.num_labels < 2:
         raise DataError(f"classification needs at least 2 labels, found {task.label_names}")
     if spec.test_split:
-        test = _normalize(_load_split(spec, spec.test_split), spec, f"split {spec.test_split!r}")
+        test = normalize(load_split(spec, spec.test_split), spec, f"split {spec.test_split!r}")
     else:
+        # keep_in_memory clashes with the index cache files of an on-disk (hub or folder) dataset
         parts = train.train_test_split(
-            test_size=spec.test_fraction, seed=spec.seed, keep_in_memory=True
+            test_size=spec.test_fraction, seed=spec.seed, keep_in_memory=not train.cache_files
         )
         train, test = parts["train"], parts["test"]
     train = _encode_labels(train, task, f"split {spec.train_split!r}")

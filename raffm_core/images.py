@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data import LABEL, LOCAL_FORMATS, DataError, Splits, _encode_labels, _task_of
+from .data import LABEL, LOCAL_FORMATS, DataError, Splits, build_splits, take_columns
 from .wire import RunConfig
 
 IMAGE = "image"
@@ -249,13 +249,7 @@ def _load_split(spec: ImageDatasetSpec, split: str) -> datasets.Dataset:
 
 
 def _normalize(ds: datasets.Dataset, spec: ImageDatasetSpec, name: str) -> datasets.Dataset:
-    wanted = {spec.image_column: IMAGE, spec.label_column: LABEL}
-    missing = [c for c in wanted if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{name}: no column(s) {missing}; the columns are {ds.column_names}")
-    ds = ds.select_columns(list(wanted))
-    ds = ds.rename_columns({c: f"__raffm_{i}" for i, c in enumerate(wanted)})
-    return ds.rename_columns({f"__raffm_{i}": new for i, new in enumerate(wanted.values())})
+    return take_columns(ds, {spec.image_column: IMAGE, spec.label_column: LABEL}, name)
 
 
 def load_image_splits(spec: ImageDatasetSpec) -> Splits:
@@ -267,21 +261,7 @@ def load_image_splits(spec: ImageDatasetSpec) -> Splits:
         If the source, a split or a column is missing, or the labels do not
         fit the task; the message names what was expected.
     """
-    train = _normalize(_load_split(spec, spec.train_split), spec, f"split {spec.train_split!r}")
-    task = _task_of(train, spec.task)
-    if task.kind == "classification" and task.num_labels < 2:
-        raise DataError(f"classification needs at least 2 labels, found {task.label_names}")
-    if spec.test_split:
-        test = _normalize(_load_split(spec, spec.test_split), spec, f"split {spec.test_split!r}")
-    else:
-        # keep_in_memory clashes with the index cache files of an on-disk (hub or folder) dataset
-        parts = train.train_test_split(
-            test_size=spec.test_fraction, seed=spec.seed, keep_in_memory=not train.cache_files
-        )
-        train, test = parts["train"], parts["test"]
-    train = _encode_labels(train, task, f"split {spec.train_split!r}")
-    test = _encode_labels(test, task, f"split {spec.test_split or 'test'!r}")
-    return Splits(train, test, task)
+    return build_splits(spec, _load_split, _normalize)
 
 
 # ---------------------------------------------------------------------- pixels

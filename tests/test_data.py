@@ -222,3 +222,19 @@ def test_budgets_follow_the_profile_or_the_node_config():
     assert node_budget(cfg, {"budget": "memory-mb=900"}) == "memory-mb=900"
     with pytest.raises(ConfigError, match="partition-id"):
         node_partition({})
+
+
+def test_a_dataset_folder_loads_through_the_hub_code_path_and_splits(tmp_path, monkeypatch):
+    """A folder name goes through ``datasets.load_dataset(name)``, as a hub name does.
+
+    Such a dataset is backed by cache files on disk, which an in-memory
+    ``train_test_split`` cannot index; the split must still work.
+    """
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "polarity-like"
+    folder.mkdir()
+    write(folder / "train.csv", "csv", [{"label": lab, "text": t} for lab, t in ROWS])
+    spec = DatasetSpec(str(folder), test_fraction=0.25, seed=3)
+    splits = load_splits(spec)
+    assert (len(splits.train), len(splits.test)) == (30, 10)
+    assert sorted([*splits.train["text"], *splits.test["text"]]) == sorted(t for _, t in ROWS)
