@@ -270,16 +270,22 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         initial.count_bytes(),
         time.monotonic() - started,
     )
+    fraction, ratio = summary["mean-client-params-fraction"], summary["communication-ratio"]
+    if fraction is not None and ratio is not None:
+        share = (
+            f"{fraction:.2f} of the parameters and "
+            f"{ratio:.2f} of full-model traffic per client on average"
+        )
+    else:
+        share = "no node trained in any round"
     log(
         INFO,
-        "final %s %s (best %s in round %s), %.2f of the parameters and %.2f of "
-        "full-model traffic per client on average, %.1f s",
+        "final %s %s (best %s in round %s), %s, %.1f s",
         splits.task.primary_metric,
         _fmt(summary["final-accuracy"]),
         _fmt(summary["best-accuracy"]),
         summary["best-round"],
-        summary["mean-client-params-fraction"] or 0,
-        summary["communication-ratio"] or 0,
+        share,
         summary["wall-time-s"],
     )
     log(INFO, "results in %s", out)
