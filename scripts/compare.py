@@ -181,9 +181,9 @@ def toml_value(value: Any) -> str:
 
 def run_one(name: str, overrides: dict[str, Any], run_dir: Path, nodes: int, dataset: str) -> bool:
     """One row through ``scripts/run_local.sh``, its progress lines echoed; True on success."""
-    args = [f"{key}={toml_value(value)}" for key, value in overrides.items()]
+    options = {**overrides, "dataset": dataset}
+    args = [f"{key}={toml_value(value)}" for key, value in options.items()]
     env = {**os.environ, "RESULTS_DIR": str(run_dir), "NUM_SUPERNODES": str(nodes)}
-    env["DATASET"] = dataset
     proc = subprocess.Popen(
         ["bash", str(ROOT / "scripts" / "run_local.sh"), *args],
         cwd=ROOT,

@@ -12,8 +12,9 @@
 #   processes it started (by pid, found through a marker in their environment).
 #
 # Usage: scripts/run_local.sh [extra --run-config overrides, e.g. 'num-server-rounds=8']
-# Environment: NUM_SUPERNODES (default 10), RESULTS_DIR (default results/<timestamp>),
-# DATASET (default data/polarity/polarity.csv; an absolute path or a hub name).
+# Environment: NUM_SUPERNODES (default 10), RESULTS_DIR (default results/<timestamp>).
+# The dataset is the embedded polarity corpus unless an override names another
+# ('dataset="/abs/path.csv"' or a hub name).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +29,6 @@ mkdir -p "$FLWR_HOME"
 
 NUM_SUPERNODES="${NUM_SUPERNODES:-10}"
 RESULTS_DIR="${RESULTS_DIR:-$ROOT/results/$(date +%Y%m%d-%H%M%S)}"
-DATASET="${DATASET:-$ROOT/data/polarity/polarity.csv}"
 mkdir -p "$RESULTS_DIR"
 LOG="$RESULTS_DIR/flwr-run.log"
 
@@ -88,7 +88,7 @@ trap stop_daemons EXIT
 
 RUN_CONFIG="results-dir=\"$RESULTS_DIR\" min-available-nodes=$NUM_SUPERNODES"
 # the embedded polarity corpus unless an override names another dataset (a key may appear once)
-[[ " $* " == *" dataset="* ]] || RUN_CONFIG="dataset=\"$DATASET\" $RUN_CONFIG"
+[[ " $* " == *" dataset="* ]] || RUN_CONFIG="dataset=\"$ROOT/data/polarity/polarity.csv\" $RUN_CONFIG"
 for extra in "$@"; do
     RUN_CONFIG="$RUN_CONFIG $extra"
 done

@@ -220,12 +220,10 @@ def test_embedded_smollm2_converts_once_to_a_folder_with_the_gguf_models_outputs
 
 def test_a_federated_causal_lm_lora_round_trains_adapters_only(tmp_path):
     """``task = "causal-lm"`` with ``peft = "lora"``: 2 nodes, 1 round, adapters only travel."""
-    from flwr.simulation import run_simulation
     from safetensors.torch import load_file
 
-    from client_app.app import build_client_app
-    from server_app.app import build_server_app
     from tests.assets import write_polarity_csv
+    from tests.sim import simulate
 
     tok = word_tokenizer()
     torch.manual_seed(0)
@@ -262,15 +260,7 @@ def test_a_federated_causal_lm_lora_round_trains_adapters_only(tmp_path):
         "lora-dropout": 0.0,
         "save-models": True,
     }
-    run_simulation(
-        server_app=build_server_app(overrides),
-        client_app=build_client_app(overrides),
-        num_supernodes=2,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2},
-        },
-    )
+    simulate(overrides, 2)
     results = tmp_path / "results"
     clients = json.loads((results / "rounds.json").read_text())[1]["clients"]
     assert [c["status"] for c in clients] == ["accepted", "accepted"]

@@ -14,12 +14,10 @@ import pytest
 import torch
 import transformers as T
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import raffm_core as R
-from client_app.app import build_client_app
 from raffm_core.peft_lora import (
     LoraSettings,
     attach_lora,
@@ -30,11 +28,11 @@ from raffm_core.peft_lora import (
     trainable_state,
 )
 from raffm_core.wire import ARRAYS, CONFIG, SPEC, ConfigError, RunConfig
-from server_app.app import build_server_app
 from server_app.lora import LoraGlobalModel, RaFFMLoRA
 from tests.assets import FILLER, NEGATIVE, POSITIVE, write_polarity_csv
 from tests.fakes import FakeGrid, budget_reply, task_identity, train_reply
 from tests.models import tiny_model
+from tests.sim import simulate
 
 TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 
@@ -255,15 +253,7 @@ def lora_run(tmp_path_factory):
         "query-timeout-s": 180.0,
         "round-timeout-s": 120.0,
     }
-    run_simulation(
-        server_app=build_server_app(overrides),
-        client_app=build_client_app(overrides),
-        num_supernodes=NUM_NODES,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2},
-        },
-    )
+    simulate(overrides, NUM_NODES)
     return model_dir, tmp / "results"
 
 

@@ -9,17 +9,13 @@ it equals the prioritized model of the round before, bit for bit.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from flwr.simulation import run_simulation
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from client_app.app import build_client_app
 from raffm_core import SubnetSpec, describe, permute_state, rank_units
-from server_app.app import build_server_app
 from tests.assets import save_tiny_bert, write_polarity_csv
+from tests.sim import read_json, simulate
 
 NUM_NODES = 3
 ROUNDS = 2
@@ -48,20 +44,8 @@ def run_dir(tmp_path_factory):
         "query-timeout-s": 180.0,
         "round-timeout-s": 120.0,
     }
-    run_simulation(
-        server_app=build_server_app(overrides),
-        client_app=build_client_app(overrides),
-        num_supernodes=NUM_NODES,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2},
-        },
-    )
+    simulate(overrides, NUM_NODES)
     return tmp / "results"
-
-
-def read(run_dir, name):
-    return json.loads((run_dir / name).read_text())
 
 
 def load_state(path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -70,7 +54,7 @@ def load_state(path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
 
 
 def test_clients_received_different_spec_sizes(run_dir):
-    rounds = read(run_dir, "rounds.json")
+    rounds = read_json(run_dir, "rounds.json")
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
     for row in rounds[1:]:
         clients = row["clients"]
@@ -82,7 +66,7 @@ def test_clients_received_different_spec_sizes(run_dir):
 
 
 def test_global_model_changed_only_where_some_slice_covered_it(run_dir):
-    rounds = read(run_dir, "rounds.json")
+    rounds = read_json(run_dir, "rounds.json")
     model, before = load_state(run_dir / "round-models" / "round-0")
     layout = describe(model)
     for row in rounds[1:]:
@@ -105,7 +89,7 @@ def test_global_model_changed_only_where_some_slice_covered_it(run_dir):
 
 
 def test_metrics_and_outputs_are_present(run_dir):
-    summary = read(run_dir, "summary.json")
+    summary = read_json(run_dir, "summary.json")
     for key in (
         "final-accuracy",
         "best-accuracy",
@@ -119,7 +103,7 @@ def test_metrics_and_outputs_are_present(run_dir):
     assert summary["rounds"] == ROUNDS
     assert 0.5 < summary["mean-client-params-fraction"] < 1.0
     assert summary["mean-bytes-per-client-round"] < 2 * summary["full-model-bytes"]
-    rounds = read(run_dir, "rounds.json")
+    rounds = read_json(run_dir, "rounds.json")
     for row in rounds:
         assert {"accuracy", "f1", "loss"} <= set(row)
     for row in rounds[1:]:
@@ -140,7 +124,7 @@ def test_metrics_and_outputs_are_present(run_dir):
                 assert client[key] is not None, key
             assert client["bytes-down"] == client["bytes-up"] > 0
             assert client["peak-memory-mb"] > 0
-    assert read(run_dir, "run-config.json")["num-server-rounds"] == ROUNDS
+    assert read_json(run_dir, "run-config.json")["num-server-rounds"] == ROUNDS
     for name in ("accuracy.png", "bytes-per-client.png", "submodel-sizes.png"):
         assert (run_dir / name).stat().st_size > 0
     for name in ("final-model", "best-model"):

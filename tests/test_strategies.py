@@ -17,9 +17,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType
 from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
-from client_app.app import build_client_app
 from raffm_core import SubnetSpec, base_config, describe, rank_units
 from raffm_core.wire import SPEC, STRATEGIES, ConfigError, RunConfig
 from server_app.app import build_strategy, run
@@ -35,6 +33,7 @@ from server_app.strategy import RaFFM
 from tests.assets import save_tiny_bert, write_polarity_csv
 from tests.fakes import FakeGrid, budget_reply, task_identity, train_reply
 from tests.models import tiny_model
+from tests.sim import simulate
 
 NODES = {101: ("params=0.5", 0), 202: ("params=0.75", 1), 303: ("params=1.0", 2)}
 WEIGHTS = {101: 10, 202: 30, 303: 60}
@@ -258,15 +257,7 @@ def sim_dir(tmp_path_factory):
             overrides = {**common, **options, "results-dir": str(tmp / name)}
             run(grid, RunConfig.from_mapping({}, overrides))
 
-    run_simulation(
-        server_app=server,
-        client_app=build_client_app(common),
-        num_supernodes=SIM_NODES,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2},
-        },
-    )
+    simulate(common, SIM_NODES, server_app=server)
     return tmp
 
 

@@ -16,11 +16,9 @@ import struct
 import numpy as np
 import pytest
 import torch
-from flwr.simulation import run_simulation
 from PIL import Image
 from transformers import AutoModelForImageClassification, ViTConfig
 
-from client_app.app import build_client_app
 from raffm_core import SubnetSpec, describe, permute_state, rank_units
 from raffm_core.data import DataError
 from raffm_core.images import (
@@ -36,7 +34,7 @@ from raffm_core.vit import (
     load_pixel_processor,
     tiny_vit_config,
 )
-from server_app.app import build_server_app
+from tests.sim import read_json, simulate
 
 TINY = (
     "vit-tiny:image_size=8,patch_size=2,hidden_size=32,num_hidden_layers=2,intermediate_size=64,"
@@ -246,20 +244,8 @@ def run_dir(tmp_path_factory):
         "query-timeout-s": 180.0,
         "round-timeout-s": 120.0,
     }
-    run_simulation(
-        server_app=build_server_app(overrides),
-        client_app=build_client_app(overrides),
-        num_supernodes=NUM_NODES,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2},
-        },
-    )
+    simulate(overrides, NUM_NODES)
     return tmp / "results"
-
-
-def read(run_dir, name):
-    return json.loads((run_dir / name).read_text())
 
 
 def state_of(path) -> dict[str, torch.Tensor]:
@@ -267,7 +253,7 @@ def state_of(path) -> dict[str, torch.Tensor]:
 
 
 def test_vit_clients_trained_different_sub_models(run_dir):
-    rounds = read(run_dir, "rounds.json")
+    rounds = read_json(run_dir, "rounds.json")
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
     for row in rounds[1:]:
         clients = row["clients"]
@@ -282,7 +268,7 @@ def test_vit_clients_trained_different_sub_models(run_dir):
 def test_vit_global_model_changed_only_inside_the_covered_slices(run_dir):
     before = state_of(run_dir / "round-models" / "round-0")
     layout = describe(AutoModelForImageClassification.from_pretrained(run_dir / "final-model"))
-    for row in read(run_dir, "rounds.json")[1:]:
+    for row in read_json(run_dir, "rounds.json")[1:]:
         after = state_of(run_dir / "round-models" / f"round-{row['round']}")
         prioritized = {k: v.clone() for k, v in before.items()}
         permute_state(prioritized, layout, rank_units(prioritized, layout))
@@ -298,8 +284,8 @@ def test_vit_global_model_changed_only_inside_the_covered_slices(run_dir):
 
 
 def test_vit_learned_and_final_model_is_a_plain_hf_folder(run_dir):
-    summary = read(run_dir, "summary.json")
-    rounds = read(run_dir, "rounds.json")
+    summary = read_json(run_dir, "summary.json")
+    rounds = read_json(run_dir, "rounds.json")
     # 10 classes: chance is 0.1; the untrained model (round 0) is near it
     assert summary["final-accuracy"] > max(0.25, rounds[0]["accuracy"] + 0.1)
     final = run_dir / "final-model"
