@@ -34,7 +34,7 @@ from .images import (
     load_image_splits,
     processor_for,
 )
-from .wire import EMBEDDED_MINILM, RunConfig
+from .wire import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,9 @@ def load_model_config(model_name: str) -> PretrainedConfig:
     return transformers.AutoConfig.from_pretrained(resolve_model_source(model_name))
 
 
+@lru_cache(maxsize=16)
 def is_image_model(model_name: str) -> bool:
-    """Whether ``model_name`` is an image classifier (reads ``pixel_values``)."""
-    if model_name == EMBEDDED_MINILM:
-        return False
+    """Whether ``model_name`` is an image classifier (reads ``pixel_values``); cached."""
     return load_model_config(model_name).model_type in IMAGE_MODEL_TYPES
 
 
