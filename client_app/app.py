@@ -29,8 +29,9 @@ from client_app.training import (
     train_submodel,
 )
 from raffm_core import SubnetSpec, build_submodel
-from raffm_core.data import evaluate_model, make_loader
-from raffm_core.wire import (
+from raffm_core.task.config import LORA, NO_PEFT, PEFT_METHODS, RunConfig
+from raffm_core.task.encode import make_loader
+from raffm_core.task.keys import (
     ARRAYS,
     BASE_CONFIG,
     BATCH_SIZE,
@@ -46,8 +47,8 @@ from raffm_core.wire import (
     TRAIN_LOSS,
     TRAIN_STEPS,
     TRAIN_TIME_S,
-    RunConfig,
 )
+from raffm_core.task.metrics import evaluate_model
 
 datasets.disable_progress_bars()
 
@@ -85,7 +86,12 @@ def load_job(msg: Message, context: Context, defaults: Mapping[str, Any] | None)
     arrays = msg.content.array_records[ARRAYS]
     keys = tuple(arrays.keys())
     received = arrays.to_torch_state_dict(keep_input=False)
-    if config.get(PEFT, "none") == "lora":
+    peft = config.get(PEFT, NO_PEFT)
+    if peft not in PEFT_METHODS:
+        raise InstructionError(
+            f"instruction {PEFT!r} = {peft!r} is not supported; expected one of {PEFT_METHODS}"
+        )
+    if peft == LORA:
         model, read_state = build_lora_model(cfg.model_name, base, spec, received, config)
     else:
         model = build_submodel(base, spec, received)

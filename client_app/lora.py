@@ -21,10 +21,10 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from raffm_core import ModelLayout, SubnetSpec, describe
-from raffm_core.data import resolve_model_source
 from raffm_core.extract import model_class
-from raffm_core.peft_lora import LoraSettings, build_lora_submodel, trainable_state
-from raffm_core.wire import LORA_ALPHA, LORA_DROPOUT, LORA_RANK, LORA_TARGET_MODULES
+from raffm_core.lora import LoraSettings, build_lora_submodel, trainable_state
+from raffm_core.task.keys import LORA_ALPHA, LORA_DROPOUT, LORA_RANK, LORA_TARGET_MODULES
+from raffm_core.task.models import resolve_model_source
 
 from .training import InstructionError, config_value
 

@@ -6,7 +6,7 @@ derived from them and the run config. In deployment the node config can
 carry ``budget`` directly (``flower-supernode --node-config 'budget="params=0.5"
 partition-id=0 num-partitions=4'``), or ``budget="auto"``: the node then
 measures the memory it may use and reports a ``memory-mb`` budget
-(:mod:`raffm_core.device`).
+(:mod:`raffm_core.task.device`).
 
 Loading is cached per process: a Ray actor serves many virtual nodes in turn,
 and the dataset, tokenizer and partitioner are the same for all of them.
@@ -24,20 +24,13 @@ import datasets
 import numpy as np
 from flwr.common.logger import log
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
-from transformers import PreTrainedTokenizerBase
 
-from raffm_core.data import (
-    LABEL,
-    DatasetSpec,
-    Splits,
-    TaskInfo,
-    encode_task,
-    load_tokenizer,
-)
-from raffm_core.device import auto_budget, measure_memory
-from raffm_core.images import ImageDatasetSpec, PixelProcessor
-from raffm_core.vit import is_image_model, load_pixel_processor, load_run_splits, run_dataset_spec
-from raffm_core.wire import BUDGET, NUM_PARTITIONS, PARTITION_ID, ConfigError, RunConfig
+from raffm_core.task import Task, load_task
+from raffm_core.task.config import REGRESSION, ConfigError, RunConfig
+from raffm_core.task.data import LABEL, TaskInfo
+from raffm_core.task.device import auto_budget, measure_memory
+from raffm_core.task.keys import BUDGET, NUM_PARTITIONS, PARTITION_ID
+from raffm_core.task.models import Preprocessor
 
 
 @dataclass(frozen=True)
@@ -45,13 +38,13 @@ class LocalData:
     """A node's tokenized data: its train partition and its evaluation share.
 
     For an image model ``tokenizer`` is the model's
-    :class:`~raffm_core.images.PixelProcessor`.
+    :class:`~raffm_core.task.pixels.PixelProcessor`.
     """
 
     train: datasets.Dataset
     test: datasets.Dataset
     task: TaskInfo
-    tokenizer: PreTrainedTokenizerBase | PixelProcessor
+    tokenizer: Preprocessor
 
 
 def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
@@ -82,8 +75,8 @@ def node_budget(cfg: RunConfig, node_config: Mapping[str, Any]) -> str:
     """The budget string this node reports; the server parses and checks it.
 
     ``budget`` in the node config wins; ``budget="auto"`` becomes the
-    ``memory-mb`` budget :func:`raffm_core.device.auto_budget` derives from
-    what :func:`raffm_core.device.measure_memory` reads now, and the node
+    ``memory-mb`` budget :func:`raffm_core.task.device.auto_budget` derives from
+    what :func:`raffm_core.task.device.measure_memory` reads now, and the node
     logs both. Otherwise the node takes a tier of
     ``budget-profile``: tier ``partition-id mod len(profile)`` under
     ``round-robin``, or one drawn with a generator seeded by
@@ -114,21 +107,15 @@ def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
 
 
 @lru_cache(maxsize=2)
-def _splits(spec: DatasetSpec | ImageDatasetSpec) -> Splits:
-    return load_run_splits(spec)
-
-
-@lru_cache(maxsize=2)
-def _tokenizer(model_name: str) -> PreTrainedTokenizerBase | PixelProcessor:
-    if is_image_model(model_name):
-        return load_pixel_processor(model_name)
-    return load_tokenizer(model_name)
+def _task(cfg: RunConfig) -> Task:
+    """The run's workload, loaded once per process (a Ray actor serves many nodes)."""
+    return load_task(cfg)
 
 
 @lru_cache(maxsize=4)
 def _partitioners(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, Partitioner]:
-    splits = _splits(run_dataset_spec(cfg))
-    if cfg.partitioner == "dirichlet" and splits.task.kind == "regression":
+    splits = _task(cfg).splits
+    if cfg.partitioner == "dirichlet" and splits.task.kind == REGRESSION:
         raise ConfigError(
             "partitioner = 'dirichlet' splits by class label; a regression "
             "task has none, use partitioner = 'iid'"
@@ -146,12 +133,11 @@ def load_local_data(
     cfg: RunConfig, partition_id: int, num_partitions: int, max_length: int
 ) -> LocalData:
     """Partition ``partition_id`` of the train split and of the held-out split, tokenized."""
-    tokenizer = _tokenizer(cfg.model_name)
+    task = _task(cfg)
     train, test = _partitioners(cfg, num_partitions)
-    task = _splits(run_dataset_spec(cfg)).task
     return LocalData(
-        train=encode_task(train.load_partition(partition_id), tokenizer, max_length, task),
-        test=encode_task(test.load_partition(partition_id), tokenizer, max_length, task),
-        task=task,
-        tokenizer=tokenizer,
+        train=task.encode(train.load_partition(partition_id), max_length),
+        test=task.encode(test.load_partition(partition_id), max_length),
+        task=task.info,
+        tokenizer=task.preprocessor,
     )

@@ -17,23 +17,20 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from raffm_core.data import cycle, make_loader
-from raffm_core.wire import (
+from raffm_core import InstructionError
+from raffm_core.task.config import PRECISIONS
+from raffm_core.task.encode import cycle, make_loader
+from raffm_core.task.keys import (
     BATCH_SIZE,
     LOCAL_EPOCHS,
     LOCAL_STEPS,
     LR,
     MIXED_PRECISION,
-    PRECISIONS,
     PROXIMAL_MU,
     SEED,
     SERVER_ROUND,
     WEIGHT_DECAY,
 )
-
-
-class InstructionError(ValueError):
-    """A train or evaluate instruction lacks a key or has a bad value."""
 
 
 def config_value(config: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -111,7 +108,7 @@ def train_submodel(
     tokenizer: PreTrainedTokenizerBase,
     settings: TrainSettings,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place with AdamW on an :func:`~raffm_core.data.encode`-d split.
+    """Fine-tune ``model`` in place with AdamW on an :func:`~raffm_core.task.encode.encode`-d split.
 
     ``bf16`` enables bfloat16 autocast for the forward pass. With
     ``proximal_mu > 0`` the loss gets FedProx's term

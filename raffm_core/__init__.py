@@ -1,17 +1,43 @@
 """RaFFM: resource-aware federated fine-tuning of transformer foundation models.
 
-The method as a library, with no Flower import: prioritize a model's salient
-parameters (function-preserving), choose and extract budget-fitted sub-models,
-and fuse their updates slice by slice. See the README for a walk-through.
+The method as a library, with no Flower import, in the paper's order:
+
+``families``    which weights of each architecture share which axis (data)
+``layout``      a model's elastic structure (:func:`describe`)
+``spec``        a sub-network: kept heads and FFN neurons per layer
+``prioritize``  salience ranking and the function-preserving reordering
+``budget``      resource budgets and the training / inference memory models
+``select``      the sub-network a budget allows
+``extract``     cutting a real, smaller sub-model
+``aggregate``   slice-aware fusion of the returned sub-models
+``server_opt``  the server update (FedAvg, FedProx, FedAdam) on the fused result
+``rolling``     FedRolex's rolling windows
+``deploy``      the largest sub-model a device can run after training
+``errors``      the exception hierarchy
+
+Subpackages: :mod:`raffm_core.lora` (LoRA on sub-models) and
+:mod:`raffm_core.task` (the workload: run config, models, data, metrics).
 """
 
-from .aggregate import Update, aggregate, check_update, pseudo_gradient
-from .budget import Budget, MemoryProfile, TrainingProfile, training_memory_mb
-from .deploy import InferenceProfile, export_submodel
+from .aggregate import (
+    Aggregated,
+    Update,
+    aggregate,
+    aggregate_with_coverage,
+    check_update,
+    pseudo_gradient,
+)
+from .budget import Budget, InferenceProfile, MemoryProfile, TrainingProfile, training_memory_mb
+from .deploy import export_submodel
 from .errors import (
     BudgetError,
     BudgetTooSmallError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    InstructionError,
     RaffmError,
+    SettingsError,
     SpecError,
     UnsupportedModelError,
     UpdateError,
@@ -27,26 +53,32 @@ from .extract import (
 )
 from .families import FAMILIES, SUPPORTED_MODEL_TYPES, Family
 from .layout import ModelLayout, describe
-from .prioritize import Permutation, permute_state, prioritize, rank_units
+from .prioritize import Permutation, permute_state, prioritize, prioritize_state, rank_units
 from .select import select_subnet
 from .server_opt import SERVER_UPDATES, ServerOptimizer
 from .spec import LayerSpec, SubnetSpec
 
 __all__ = [
+    "Aggregated",
     "FAMILIES",
     "SERVER_UPDATES",
     "SUPPORTED_MODEL_TYPES",
     "Budget",
     "BudgetError",
     "BudgetTooSmallError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
     "Family",
     "InferenceProfile",
+    "InstructionError",
     "LayerSpec",
     "MemoryProfile",
     "ModelLayout",
     "Permutation",
     "RaffmError",
     "ServerOptimizer",
+    "SettingsError",
     "SpecError",
     "SubnetSpec",
     "TrainingProfile",
@@ -54,6 +86,7 @@ __all__ = [
     "Update",
     "UpdateError",
     "aggregate",
+    "aggregate_with_coverage",
     "base_config",
     "build_submodel",
     "check_update",
@@ -64,6 +97,7 @@ __all__ = [
     "load_submodel",
     "permute_state",
     "prioritize",
+    "prioritize_state",
     "pseudo_gradient",
     "rank_units",
     "save_submodel",

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .errors import SpecError, UpdateError
 from .layout import Index, ModelLayout
-from .spec import SubnetSpec
+from .spec import SubnetSpec, state_mismatch
 
 State = Mapping[str, torch.Tensor]
 
@@ -81,24 +82,17 @@ def check_update(
         expected_shapes = layout.sub_shapes(update.spec)
     except SpecError as err:
         raise UpdateError(f"{name}: {err}") from None
-    expected = set(global_state) if keys is None else set(keys)
-    got = set(update.state)
-    missing, extra = sorted(expected - got), sorted(got - expected)
-    if missing:
-        raise UpdateError(f"{name}: missing {len(missing)} key(s), e.g. {missing[0]!r}")
-    if extra:
-        raise UpdateError(f"{name}: unexpected {len(extra)} key(s), e.g. {extra[0]!r}")
+    expected = list(global_state) if keys is None else list(keys)
+    not_in_model = [k for k in expected if k not in expected_shapes]
+    if not_in_model:
+        raise UpdateError(f"{name}: {not_in_model[0]!r} is not a tensor of the model")
+    problem = state_mismatch(update.state, {k: expected_shapes[k] for k in expected})
+    if problem:
+        raise UpdateError(f"{name}: {problem}" + (" as sent" if "has shape" in problem else ""))
     for key in sorted(expected):
         tensor = update.state[key]
         if not isinstance(tensor, torch.Tensor):
             raise UpdateError(f"{name}: {key!r} is a {type(tensor).__name__}, not a tensor")
-        want = tuple(expected_shapes[key]) if key in expected_shapes else None
-        if want is None:
-            raise UpdateError(f"{name}: {key!r} is not a tensor of the model")
-        if tuple(tensor.shape) != want:
-            raise UpdateError(
-                f"{name}: {key!r} has shape {tuple(tensor.shape)}, expected {want} as sent"
-            )
         if tensor.is_floating_point() and not all_finite(tensor):
             raise UpdateError(f"{name}: {key!r} contains NaN or Inf")
 
@@ -112,15 +106,36 @@ def _add_slice(
         acc.index_add_(axis, index, value, alpha=weight)
 
 
+class Aggregated(NamedTuple):
+    """The fused global state and, per key, where some update contributed."""
+
+    state: dict[str, torch.Tensor]
+    coverage: dict[str, torch.Tensor]
+
+
 def aggregate(
     global_state: State,
     updates: Sequence[Update | tuple[SubnetSpec, State, int]],
     layout: ModelLayout,
     *,
     keys: Iterable[str] | None = None,
-    return_coverage: bool = False,
-):
+) -> dict[str, torch.Tensor]:
     """Fuse sub-model updates into a new global state dict (Eq. 7).
+
+    :func:`aggregate_with_coverage` without the coverage; parameters, return
+    value and errors as there.
+    """
+    return aggregate_with_coverage(global_state, updates, layout, keys=keys).state
+
+
+def aggregate_with_coverage(
+    global_state: State,
+    updates: Sequence[Update | tuple[SubnetSpec, State, int]],
+    layout: ModelLayout,
+    *,
+    keys: Iterable[str] | None = None,
+) -> Aggregated:
+    """Fuse sub-model updates into a new global state dict (Eq. 7), with its coverage.
 
     Parameters
     ----------
@@ -134,15 +149,13 @@ def aggregate(
     keys : iterable of str, optional
         The keys every update carries and that are aggregated; default all of
         ``global_state``. Other keys are copied from ``global_state``.
-    return_coverage : bool
-        Also return, per key, a boolean tensor broadcastable to its shape that
-        is true where at least one update contributed.
 
     Returns
     -------
-    dict of str to Tensor, or (dict, dict)
-        The new global state (new tensors; dtype as the global's), and the
-        coverage if asked for.
+    Aggregated
+        ``state``: the new global state (new tensors; dtype as the global's);
+        ``coverage``: per key, a boolean tensor broadcastable to its shape
+        that is true where at least one update contributed.
 
     Raises
     ------
@@ -206,9 +219,7 @@ def aggregate(
             acc = torch.where(covered, acc, old.to(torch.float32))
         new_state[key] = acc.to(old.dtype)
         coverage[key] = covered
-    if return_coverage:
-        return new_state, coverage
-    return new_state
+    return Aggregated(new_state, coverage)
 
 
 def pseudo_gradient(global_state: State, new_state: State) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ A budget is a short string, the same one that travels in Flower node config:
 ``params=40M``         at most 40 million parameters (``K``, ``M``, ``G`` or a
                        plain integer)
 ``memory-mb=900``      at most 900 MB of memory for a training step (or, with
-                       an :class:`~raffm_core.deploy.InferenceProfile`, for a
+                       an :class:`InferenceProfile`, for a
                        forward pass)
 =====================  =====================================================
 
@@ -209,26 +209,11 @@ class MemoryProfile(Protocol):
 
 
 @dataclass(frozen=True)
-class TrainingProfile:
-    """The training step a memory budget is checked against.
+class _Profile:
+    """What both memory profiles share: the batch, the attention kind, the runtime."""
 
-    Attributes
-    ----------
-    batch_size, seq_len : int
-        Examples per step and tokens (or patches) per example.
-    trainable_params : int or None
-        Parameters that get gradients and optimizer state; ``None`` for all of
-        them (full fine-tuning).
-    eager_attention : bool
-        Whether attention probabilities are materialized (eager attention);
-        SDPA kernels on CPU keep only per-row statistics.
-    runtime_mb : float
-        Fixed process overhead.
-    """
-
-    batch_size: int = 16
-    seq_len: int = 64
-    trainable_params: int | None = None
+    batch_size: int
+    seq_len: int
     eager_attention: bool = False
     runtime_mb: float = RUNTIME_OVERHEAD_MB
 
@@ -236,32 +221,90 @@ class TrainingProfile:
         if self.batch_size < 1 or self.seq_len < 1:
             raise BudgetError(f"batch_size and seq_len must be >= 1, got {self}")
 
+
+@dataclass(frozen=True)
+class TrainingProfile(_Profile):
+    """The training step a memory budget is checked against.
+
+    Attributes
+    ----------
+    batch_size, seq_len : int
+        Examples per step and tokens (or patches) per example.
+    eager_attention : bool
+        Whether attention probabilities are materialized (eager attention);
+        SDPA kernels on CPU keep only per-row statistics.
+    runtime_mb : float
+        Fixed process overhead.
+    trainable_params : int or None
+        Parameters that get gradients and optimizer state; ``None`` for all of
+        them (full fine-tuning).
+    """
+
+    batch_size: int = 16
+    seq_len: int = 64
+    trainable_params: int | None = None
+
     def memory_mb(self, layout: ModelLayout, spec: SubnetSpec) -> float:
         """:func:`training_memory_mb` of ``spec`` under this profile."""
         return training_memory_mb(layout, spec, self)
 
 
-def activation_floats(layout: ModelLayout, spec: SubnetSpec, profile: TrainingProfile) -> float:
-    """fp32 values autograd saves for one backward pass (see module docstring)."""
-    hidden = layout.shapes[layout.layers[0].heads[0].key][1]
+@dataclass(frozen=True)
+class InferenceProfile(_Profile):
+    """The forward pass a deployment ``memory-mb`` budget is checked against.
+
+    Inference memory, fp32::
+
+        memory = runtime + 4 B x P  (weights)
+                         + 4 B x batch x seq x (3 x hidden + q + 2 kv + ffn_in x ffn)
+                         + 4 B x batch x heads x seq x seq (eager attention only)
+
+    The activation term is the widest single layer's live tensors, since
+    without autograd each layer's intermediates are freed before the next runs.
+    """
+
+    batch_size: int = 1
+    seq_len: int = 128
+
+    def memory_mb(self, layout: ModelLayout, spec: SubnetSpec) -> float:
+        """Estimated peak memory, in MB, of one forward pass of ``spec``."""
+        hidden = layout.hidden_size
+        widest = 0.0
+        for q, kv, ffn_in in _layer_widths(layout, spec):
+            live = 3 * hidden + q + 2 * kv + ffn_in
+            if self.eager_attention:
+                live += q // layout.head_dim * self.seq_len
+            widest = max(widest, live)
+        act = 4 * widest * self.batch_size * self.seq_len
+        return self.runtime_mb + (4 * layout.count_params(spec) + act) / 2**20
+
+
+def _layer_widths(layout: ModelLayout, spec: SubnetSpec) -> list[tuple[int, int, int]]:
+    """Per kept layer: query width, key/value width, and the FFN inputs' total width."""
     d, g = layout.head_dim, layout.group_size
     n_in = len(layout.family.ffn_in)
-    per_token = 3.0 * hidden  # embedding sum, its norm and dropout
+    widths = []
     for kept in spec.layers:
         heads = width_count(kept.heads)
-        ffn = width_count(kept.ffn)
-        q = heads * g * d
-        kv = heads * d
+        widths.append((heads * g * d, heads * d, n_in * width_count(kept.ffn)))
+    return widths
+
+
+def activation_floats(layout: ModelLayout, spec: SubnetSpec, profile: TrainingProfile) -> float:
+    """fp32 values autograd saves for one backward pass (see module docstring)."""
+    hidden = layout.hidden_size
+    per_token = 3.0 * hidden  # embedding sum, its norm and dropout
+    for q, kv, ffn_in in _layer_widths(layout, spec):
         per_token += (
             2 * hidden  # inputs of the attention and FFN blocks
             + 2 * q  # Q and the attention context
             + 2 * kv  # K and V
-            + 2 * n_in * ffn  # per input projection: its output, activation or product
+            + 2 * ffn_in  # per input projection: its output, activation or product
             + NORM_ACTIVATIONS * hidden
         )
         if profile.eager_attention:
             # softmax output, dropout mask, dropped probabilities
-            per_token += 3 * heads * g * profile.seq_len
+            per_token += 3 * q // layout.head_dim * profile.seq_len
     return per_token * profile.batch_size * profile.seq_len
 
 

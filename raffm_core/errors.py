@@ -39,3 +39,23 @@ class BudgetTooSmallError(BudgetError):
 
 class UpdateError(RaffmError, ValueError):
     """A client update cannot be aggregated; nothing was changed."""
+
+
+class ConfigError(RaffmError, ValueError):
+    """A run-config value is missing, mistyped or out of range."""
+
+
+class DataError(RaffmError, ValueError):
+    """A dataset cannot be loaded or does not have the columns asked for."""
+
+
+class InstructionError(RaffmError, ValueError):
+    """An instruction from the server lacks a key or carries a bad value."""
+
+
+class CheckpointError(RaffmError, RuntimeError):
+    """A checkpoint cannot be read, or was written by a different run."""
+
+
+class SettingsError(RaffmError, ValueError):
+    """A method setting (e.g. a LoRA rank or alpha) is out of range."""

@@ -24,7 +24,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .errors import SpecError, UnsupportedModelError
 from .layout import ModelLayout, describe
-from .spec import SubnetSpec
+from .spec import SubnetSpec, state_mismatch
 
 SPEC_ATTR = "raffm_subnet"
 WEIGHTS_NAME = "model.safetensors"
@@ -168,16 +168,9 @@ def build_submodel(
 
 
 def _check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple]) -> None:
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise SpecError(
-            f"sub-model weights: missing keys {missing[:5]}, unexpected keys {extra[:5]}"
-        )
-    for key, shape in expected.items():
-        got = tuple(state[key].shape)
-        if got != tuple(shape):
-            raise SpecError(f"sub-model weights: {key} has shape {got}, expected {tuple(shape)}")
+    problem = state_mismatch(state, expected)
+    if problem:
+        raise SpecError(f"sub-model weights: {problem}")
 
 
 def extract_submodel(model: PreTrainedModel, spec: SubnetSpec) -> PreTrainedModel:

@@ -47,6 +47,8 @@ class Family:
         Whether queries and keys are rotated (RoPE). RoPE pairs dimension ``i``
         with ``i + d/2`` and gives each pair its own frequency, so channels
         within a head must not be permuted; whole heads still can be.
+    ffn_size_attr : str
+        Config attribute with the number of FFN neurons per layer.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Family:
     heads_attr: str
     kv_heads_attr: str | None
     rotary: bool
+    ffn_size_attr: str = "intermediate_size"
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -91,6 +94,7 @@ FAMILIES: tuple[Family, ...] = (
         heads_attr="n_heads",
         kv_heads_attr=None,
         rotary=False,
+        ffn_size_attr="hidden_dim",
     ),
     Family(
         name="ViT",

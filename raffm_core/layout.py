@@ -107,6 +107,11 @@ class ModelLayout:
         return len(self.layers)
 
     @property
+    def hidden_size(self) -> int:
+        """Width of the residual stream (the attention projections' input features)."""
+        return self.shapes[self.layers[0].heads[0].key][1]
+
+    @property
     def total_params(self) -> int:
         """Parameters and persistent buffers of the full model, tied ones once."""
         return sum(prod(s) for k, s in self.shapes.items() if k not in self.tied)
@@ -255,9 +260,7 @@ def describe(model: PreTrainedModel) -> ModelLayout:
     first = blocks[0]
     hidden = _linear(first, family.query).in_features
     head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-    ffn_size = _config_int(
-        config, "hidden_dim" if family.name == "DistilBERT" else "intermediate_size"
-    )
+    ffn_size = _config_int(config, family.ffn_size_attr)
 
     # Elastic shapes come from the config (the model may be a sub-model);
     # everything else from the model itself.

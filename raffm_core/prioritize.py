@@ -163,6 +163,21 @@ def permute_state(
                 _take_within(state[c.key], c, perm.query_key)
 
 
+def prioritize_state(
+    state: Mapping[str, torch.Tensor], layout: ModelLayout, norm: str = "l1"
+) -> tuple[dict[str, torch.Tensor], Permutation]:
+    """A reordered copy of ``state`` with salient units first, and the reordering.
+
+    The state-dict counterpart of :func:`prioritize`: the returned state is a
+    new dict of fresh tensors and ``state`` itself is never changed, so a
+    caller that rejects a round keeps the old model bit for bit.
+    """
+    fresh = {key: value.clone() for key, value in state.items()}
+    permutation = rank_units(fresh, layout, norm)
+    permute_state(fresh, layout, permutation)
+    return fresh, permutation
+
+
 def prioritize(model: PreTrainedModel, norm: str = "l1") -> Permutation:
     """Reorder ``model`` in place so its most salient units come first.
 

@@ -152,3 +152,26 @@ class SubnetSpec:
         except json.JSONDecodeError as err:
             raise SpecError(f"spec is not valid JSON: {err}") from None
         return cls.from_dict(data)
+
+
+def state_mismatch(state: Mapping[str, Any], expected: Mapping[str, Sequence[int]]) -> str | None:
+    """How ``state`` differs from the key-to-shape map ``expected``, or ``None``.
+
+    The first difference found, as a message fragment: missing keys, then
+    unexpected keys, then a non-tensor value or a shape that differs (keys in
+    sorted order). Callers prefix it and raise their own error type.
+    """
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        return f"missing {len(missing)} key(s), e.g. {missing[:5]}"
+    if extra:
+        return f"unexpected {len(extra)} key(s), e.g. {extra[:5]}"
+    for key in sorted(expected):
+        value, want = state[key], tuple(expected[key])
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            return f"{key!r} is a {type(value).__name__}, not a tensor"
+        if tuple(shape) != want:
+            return f"{key!r} has shape {tuple(shape)}, expected {want}"
+    return None

@@ -65,17 +65,11 @@ from raffm_core import (  # noqa: E402
     rank_units,
     select_subnet,
 )
-from raffm_core.data import (  # noqa: E402
-    DatasetSpec,
-    encode,
-    evaluate_model,
-    load_splits,
-    make_loader,
-    sort_by_length,
-    take,
-)
 from raffm_core.prioritize import LayerPermutation  # noqa: E402
-from raffm_core.wire import RunConfig  # noqa: E402
+from raffm_core.task.config import RunConfig  # noqa: E402
+from raffm_core.task.data import DatasetSpec, load_splits  # noqa: E402
+from raffm_core.task.encode import encode, make_loader, sort_by_length, take  # noqa: E402
+from raffm_core.task.metrics import evaluate_model  # noqa: E402
 
 GROUPS = ("prioritized", "unprioritized")
 WITHOUT = ("random", "stored")

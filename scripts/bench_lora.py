@@ -22,7 +22,7 @@ The three settings, each in its own process, on the embedded SmolLM2-135M-Instru
 
 * ``raffm-lora``: the budget's sub-network (default ``params=0.6``), picked by
   salience on the frozen base and read slice-wise from the checkpoint
-  (:func:`raffm_core.peft_lora.build_lora_submodel`), with LoRA on it;
+  (:func:`raffm_core.lora.build_lora_submodel`), with LoRA on it;
 * ``full-lora``: LoRA on the whole model;
 * ``full-ft``: every weight trainable.
 
@@ -56,25 +56,20 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import raffm_core as R  # noqa: E402
 from client_app.training import TrainSettings, peak_memory, train_submodel  # noqa: E402
-from raffm_core.data import (  # noqa: E402
-    DatasetSpec,
-    encode,
-    evaluate_model,
-    load_splits,
-    make_loader,
-    resolve_model_source,
-    take,
-)
-from raffm_core.lora import with_lora  # noqa: E402
-from raffm_core.peft_lora import (  # noqa: E402
+from raffm_core.lora import (  # noqa: E402
     LoraSettings,
     attach_lora,
     build_lora_submodel,
     parse_target_modules,
     place_spec,
     trainable_state,
+    with_lora,  # noqa: E402
 )
-from raffm_core.wire import EMBEDDED_SMOLLM2, RunConfig  # noqa: E402
+from raffm_core.task.config import EMBEDDED_SMOLLM2, RunConfig  # noqa: E402
+from raffm_core.task.data import DatasetSpec, load_splits  # noqa: E402
+from raffm_core.task.encode import encode, make_loader, take  # noqa: E402
+from raffm_core.task.metrics import evaluate_model  # noqa: E402
+from raffm_core.task.models import resolve_model_source  # noqa: E402
 
 MODES = ("raffm-lora", "full-lora", "full-ft")
 SEED = 0

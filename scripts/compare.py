@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from raffm_core.wire import RunConfig  # noqa: E402
+from raffm_core.task.config import RunConfig  # noqa: E402
 
 ROWS: dict[str, dict[str, Any]] = {
     "raffm": {"strategy": "raffm"},

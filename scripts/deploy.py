@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from raffm_core import (  # noqa: E402
     Budget,
     BudgetTooSmallError,
+    InferenceProfile,  # noqa: E402
     RaffmError,
     SubnetSpec,
     describe,
@@ -61,25 +62,19 @@ from raffm_core import (  # noqa: E402
     prioritize,
     select_subnet,
 )
-from raffm_core.data import (  # noqa: E402
-    DataError,
-    encode,
-    evaluate_model,
-    load_tokenizer,
-    make_loader,
-    sort_by_length,
-    take,
-)
-from raffm_core.deploy import InferenceProfile, export_submodel  # noqa: E402
+from raffm_core.deploy import export_submodel  # noqa: E402
+from raffm_core.errors import DataError  # noqa: E402
 from raffm_core.extract import model_class  # noqa: E402
-from raffm_core.vit import (  # noqa: E402
+from raffm_core.task import load_splits_of, task_spec  # noqa: E402
+from raffm_core.task.config import ConfigError, RunConfig, key_of  # noqa: E402
+from raffm_core.task.encode import encode, make_loader, sort_by_length, take  # noqa: E402
+from raffm_core.task.metrics import evaluate_model  # noqa: E402
+from raffm_core.task.models import (  # noqa: E402
     image_tokens,
     is_image_model,
     load_pixel_processor,
-    load_run_splits,
-    run_dataset_spec,
+    load_tokenizer,  # noqa: E402
 )
-from raffm_core.wire import ConfigError, RunConfig, key_of  # noqa: E402
 
 log = logging.getLogger("deploy")
 FRACTIONS = tuple(round(0.25 + 0.05 * i, 2) for i in range(16))
@@ -120,7 +115,7 @@ def load_trained(model_dir: Path, cfg: RunConfig, batch_size: int, seq_len: int)
     prioritize(model, cfg.salience_norm)
     image = is_image_model(str(model_dir))
     preprocessor = load_pixel_processor(str(model_dir)) if image else load_tokenizer(str(model_dir))
-    splits = load_run_splits(run_dataset_spec(cfg))
+    splits = load_splits_of(task_spec(cfg))
     held_out = sort_by_length(
         encode(take(splits.test, cfg.eval_max_examples, cfg.seed), preprocessor, cfg.max_length)
     )

@@ -17,26 +17,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from raffm_core import ServerOptimizer, TrainingProfile, base_config, describe
-from raffm_core.data import (
-    CAUSAL_LM,
-    TaskInfo,
-    encode_task,
-    evaluate_model,
-    load_tokenizer,
-    make_loader,
-    resolve_model_source,
-    sort_by_length,
-    take,
-)
-from raffm_core.vit import (
-    image_tokens,
-    is_image_model,
-    load_image_model,
-    load_pixel_processor,
-    load_run_splits,
-    run_dataset_spec,
-)
-from raffm_core.wire import (
+from raffm_core.task import load_task
+from raffm_core.task.config import RunConfig
+from raffm_core.task.data import TaskInfo
+from raffm_core.task.encode import make_loader, sort_by_length, take
+from raffm_core.task.keys import (
     BATCH_SIZE,
     LOCAL_EPOCHS,
     LOCAL_STEPS,
@@ -45,11 +30,12 @@ from raffm_core.wire import (
     MIXED_PRECISION,
     SEED,
     WEIGHT_DECAY,
-    RunConfig,
 )
+from raffm_core.task.metrics import evaluate_model
+from raffm_core.task.models import Preprocessor
 
 from .baselines import strategy_class, strategy_options
-from .checkpoint import Checkpointer, checkpoint_path
+from .checkpoint import Checkpointer, RoundOffset, checkpoint_path
 from .lora import LoraGlobalModel, RaFFMLoRA, lora_settings
 from .outputs import prepare_results_dir, save_model, write_outputs
 
@@ -57,38 +43,11 @@ datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
 
 
-def load_global_model(cfg: RunConfig, task: TaskInfo) -> transformers.PreTrainedModel:
-    """The pretrained encoder with a (seeded) head for ``task``, on the server only.
-
-    An image model (:func:`raffm_core.vit.is_image_model`) is loaded by
-    :func:`raffm_core.vit.load_image_model`.
-    """
-    if is_image_model(cfg.model_name):
-        return load_image_model(cfg.model_name, task, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if task.kind == CAUSAL_LM:  # no new head: the LM head answers
-        source = resolve_model_source(cfg.model_name)
-        return transformers.AutoModelForCausalLM.from_pretrained(source).eval()
-    labels = (
-        {}
-        if task.kind == "regression"
-        else {
-            "id2label": dict(enumerate(task.label_names)),
-            "label2id": {name: i for i, name in enumerate(task.label_names)},
-        }
-    )
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_source(cfg.model_name),
-        num_labels=task.num_labels,
-        problem_type=task.problem_type,
-        ignore_mismatched_sizes=True,
-        **labels,
-    )
-    return model.eval()
-
-
 def build_strategy(
-    cfg: RunConfig, model: transformers.PreTrainedModel, lora: LoraGlobalModel | None = None
+    cfg: RunConfig,
+    model: transformers.PreTrainedModel,
+    lora: LoraGlobalModel | None = None,
+    seq_len: int | None = None,
 ) -> Strategy:
     """The strategy named by ``strategy`` (:mod:`server_app.baselines`); with ``lora``, LoRA."""
     optimizer = ServerOptimizer(
@@ -98,13 +57,11 @@ def build_strategy(
         beta2=cfg.server_beta2,
         tau=cfg.server_tau,
     )
-    profile = TrainingProfile(batch_size=cfg.batch_size, seq_len=_seq_len(cfg, model))
-    if lora is not None:
-        profile = TrainingProfile(
-            batch_size=cfg.batch_size,
-            seq_len=_seq_len(cfg, model),
-            trainable_params=sum(v.numel() for v in lora.state().values()),
-        )
+    profile = TrainingProfile(
+        batch_size=cfg.batch_size,
+        seq_len=seq_len or cfg.max_length,
+        trainable_params=None if lora is None else sum(v.numel() for v in lora.state().values()),
+    )
     if lora is None:
         cls, first = strategy_class(cfg.strategy), describe(model)
     else:
@@ -146,7 +103,7 @@ class CentralEvaluator:
         model: transformers.PreTrainedModel,
         loader: torch.utils.data.DataLoader,
         task: TaskInfo,
-        tokenizer: transformers.PreTrainedTokenizerBase,
+        tokenizer: Preprocessor,
         rounds_dir: Path | None = None,
         load: Callable[[dict[str, torch.Tensor]], Any] | None = None,
         export: Callable[[], transformers.PreTrainedModel] | None = None,
@@ -180,10 +137,9 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     started = time.monotonic()
     out = prepare_results_dir(cfg.results_dir)
     log(INFO, "results directory: %s", out)
-    splits = load_run_splits(run_dataset_spec(cfg))
-    image = is_image_model(cfg.model_name)
-    tokenizer = load_pixel_processor(cfg.model_name) if image else load_tokenizer(cfg.model_name)
-    model = load_global_model(cfg, splits.task)
+    task = load_task(cfg)
+    splits, tokenizer = task.splits, task.preprocessor
+    model = task.load_model(cfg.seed)
     lora = None
     if cfg.peft == "lora":
         lora = LoraGlobalModel(model, lora_settings(cfg), cfg.salience_norm, cfg.seed)
@@ -195,7 +151,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             lora.count_adapters(),
         )
     scored = take(splits.test, cfg.eval_max_examples, cfg.seed)
-    held_out = sort_by_length(encode_task(scored, tokenizer, cfg.max_length, splits.task))
+    held_out = sort_by_length(task.encode(scored, cfg.max_length))
     log(
         INFO,
         "data: %d train / %d held-out examples (%d scored centrally), task %s %s",
@@ -214,7 +170,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         load=lora.load if lora else None,
         export=lora.merged if lora else None,
     )
-    strategy = build_strategy(cfg, model, lora)
+    strategy = build_strategy(cfg, model, lora, task.tokens_per_example(cfg.max_length))
     initial = ArrayRecord(lora.state() if lora else model.state_dict())
     checkpointer = Checkpointer(cfg, checkpoint_path(cfg, out), strategy, evaluator)
     last_round = 0
@@ -241,7 +197,9 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             **(lora.instruction_config() if lora else {}),
         }
     )
-    result = strategy.start(
+    # A resumed run continues after its last complete round (checkpoint.RoundOffset).
+    runner = RoundOffset(strategy, last_round) if last_round else strategy
+    result = runner.start(
         grid,
         initial,
         cfg.num_server_rounds,
@@ -249,7 +207,6 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         train_config,
         evaluate_config,
         evaluator,
-        first_round=last_round + 1,
         on_round_end=checkpointer,
     )
     final = result.arrays if len(result.arrays) else initial
@@ -308,11 +265,6 @@ def build_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
 
 
 app = build_server_app()
-
-
-def _seq_len(cfg: RunConfig, model: transformers.PreTrainedModel) -> int:
-    """Tokens per example a training step sees: ``max-length``, or a ViT's patches + 1."""
-    return image_tokens(model.config) if is_image_model(cfg.model_name) else cfg.max_length
 
 
 def _fmt(value: float | None) -> str:

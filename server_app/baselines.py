@@ -31,7 +31,7 @@ from flwr.common.logger import log
 
 from raffm_core import BudgetError, Permutation, SubnetSpec, select_subnet
 from raffm_core.rolling import rolling_spec
-from raffm_core.wire import RunConfig
+from raffm_core.task.config import RunConfig
 
 from .records import NodeBudget
 from .strategy import RaFFM, State

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
@@ -46,12 +46,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
-from raffm_core import ServerOptimizer, SubnetSpec
-from raffm_core.wire import RunConfig
+from raffm_core import CheckpointError, ServerOptimizer
+from raffm_core.task.config import RunConfig
 
-from .records import ClientRound, RoundLog
+from .records import RoundLog
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 1
@@ -69,10 +69,6 @@ MAY_CHANGE = frozenset(
     }
 )
 """Run-config keys a resumed run may set differently from the interrupted one."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or belongs to another run."""
 
 
 @dataclass
@@ -148,7 +144,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "meta": json.dumps(
             {
                 "fingerprint": checkpoint.fingerprint,
-                "history": {str(r): _round_to_dict(e) for r, e in checkpoint.history.items()},
+                "history": {str(r): e.to_dict() for r, e in checkpoint.history.items()},
                 "central": {str(r): m for r, m in checkpoint.central.items()},
                 "best-round": checkpoint.best_round,
                 "best-score": checkpoint.best_score,
@@ -191,7 +187,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             optimizer=data["optimizer"],
             rng=data["rng"],
             fingerprint=meta["fingerprint"],
-            history={int(r): _round_from_dict(e) for r, e in meta["history"].items()},
+            history={int(r): RoundLog.from_dict(e) for r, e in meta["history"].items()},
             central={int(r): m for r, m in meta["central"].items()},
             best_round=meta["best-round"],
             best_score=meta["best-score"],
@@ -281,16 +277,67 @@ class Checkpointer:
 
 
 class RoundOffset(Strategy):
-    """Presents ``inner`` to Flower's loop with round numbers shifted by ``offset``.
+    """Resumes ``inner`` after round ``offset``: Flower's loop with shifted round numbers.
 
-    ``Strategy.start`` always counts rounds from 1. Running it on this wrapper
-    with ``num_rounds - offset`` rounds runs rounds ``offset+1 .. num_rounds``
-    of ``inner``, which sees the true round numbers (they seed node sampling).
+    ``Strategy.start`` always counts rounds from 1. :meth:`start` runs it on
+    this wrapper for ``num_rounds - offset`` rounds, so rounds
+    ``offset+1 .. num_rounds`` of ``inner`` run, and ``inner`` sees the true
+    round numbers (they seed node sampling). ``inner`` is a
+    :class:`server_app.strategy.RaFFM` (its ``prepare`` and ``reporting``
+    hooks are used as its own ``start`` uses them).
     """
 
     def __init__(self, inner: Strategy, offset: int) -> None:
+        if offset < 1:
+            raise ValueError(f"offset must be >= 1 (a completed round), got {offset}")
         self.inner = inner
         self.offset = offset
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        on_round_end: Callable[[int, ArrayRecord, MetricRecord | None], None] | None = None,
+    ) -> Result:
+        """Run rounds ``offset+1 .. num_rounds`` from ``initial_arrays`` (round ``offset``'s model).
+
+        The initial evaluation is skipped (it was done before the
+        interruption); the result's histories carry the true round numbers.
+        """
+        if self.offset >= num_rounds:
+            log(INFO, "all %d rounds were complete already", num_rounds)
+            return Result(arrays=initial_arrays)
+        self.inner.prepare(grid, num_rounds)
+        report = self.inner.reporting(evaluate_fn, on_round_end)
+
+        def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            return None if flower_round == 0 else report(flower_round + self.offset, arrays)
+
+        result = Strategy.start(
+            self,
+            grid,
+            initial_arrays,
+            num_rounds - self.offset,
+            timeout,
+            train_config,
+            evaluate_config,
+            evaluate,
+        )
+        for history in (
+            result.train_metrics_clientapp,
+            result.evaluate_metrics_clientapp,
+            result.evaluate_metrics_serverapp,
+        ):
+            shifted = {r + self.offset: m for r, m in history.items()}
+            history.clear()
+            history.update(shifted)
+        return result
 
     def summary(self) -> None:
         """Log the inner strategy's summary."""
@@ -319,60 +366,6 @@ class RoundOffset(Strategy):
     ) -> MetricRecord | None:
         """As the inner strategy, for round ``server_round + offset``."""
         return self.inner.aggregate_evaluate(server_round + self.offset, replies)
-
-
-def _round_to_dict(entry: RoundLog) -> dict[str, Any]:
-    return {
-        "round": entry.server_round,
-        "kept-previous": entry.kept_previous,
-        "wall-time-s": entry.wall_time_s,
-        "train-metrics": entry.train_metrics,
-        "evaluate-metrics": entry.evaluate_metrics,
-        "clients": [
-            {
-                "node": c.node_id,
-                "partition-id": c.partition_id,
-                "budget": c.budget,
-                "spec": c.spec.to_dict(),
-                "params": c.params,
-                "params-fraction": c.params_fraction,
-                "bytes-down": c.bytes_down,
-                "bytes-up": c.bytes_up,
-                "status": c.status,
-                "reason": c.reason,
-                "metrics": c.metrics,
-            }
-            for c in entry.clients
-        ],
-    }
-
-
-def _round_from_dict(data: Mapping[str, Any]) -> RoundLog:
-    clients = [
-        ClientRound(
-            node_id=c["node"],
-            partition_id=c["partition-id"],
-            budget=c["budget"],
-            spec=SubnetSpec.from_dict(c["spec"]),
-            params=c["params"],
-            params_fraction=c["params-fraction"],
-            bytes_down=c["bytes-down"],
-            bytes_up=c["bytes-up"],
-            status=c["status"],
-            reason=c["reason"],
-            metrics=c["metrics"],
-        )
-        for c in data["clients"]
-    ]
-    return RoundLog(
-        server_round=data["round"],
-        started=0.0,
-        clients=clients,
-        kept_previous=data["kept-previous"],
-        wall_time_s=data["wall-time-s"],
-        train_metrics=data["train-metrics"],
-        evaluate_metrics=data["evaluate-metrics"],
-    )
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""What goes out: the prioritized global model, and one sub-model instruction per node."""
+"""What goes out: one sub-model instruction per node."""
 
 from __future__ import annotations
 
@@ -7,31 +7,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from raffm_core import (
-    ModelLayout,
-    Permutation,
-    SubnetSpec,
-    extract_state_dict,
-    permute_state,
-    rank_units,
-)
-from raffm_core.wire import ARRAYS, CONFIG, SPEC
+from raffm_core import ModelLayout, SubnetSpec, extract_state_dict
+from raffm_core.task.keys import ARRAYS, CONFIG, SPEC
 
 from .records import ClientRound, NodeBudget, Sent
-
-
-def prioritized(
-    arrays: ArrayRecord, layout: ModelLayout, norm: str
-) -> tuple[dict[str, torch.Tensor], Permutation]:
-    """The global model reordered so salient units come first, and the reordering.
-
-    The state is made of fresh tensors: ``arrays`` itself is never changed,
-    so a round that is rejected leaves the global model bit for bit as it was.
-    """
-    state = dict(arrays.to_torch_state_dict())
-    permutation = rank_units(state, layout, norm)
-    permute_state(state, layout, permutation)
-    return state, permutation
 
 
 def build_instruction(

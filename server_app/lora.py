@@ -4,7 +4,7 @@ The global model is the pretrained base (frozen, never sent) plus LoRA
 adapters and a task head, which are the only arrays in the strategy's
 ``ArrayRecord``. :class:`LoraGlobalModel` owns them; :class:`RaFFMLoRA` is the
 RaFFM strategy on those arrays, cutting each node's slices with index-set
-specs into the unpermuted base (see :mod:`raffm_core.peft_lora`).
+specs into the unpermuted base (see :mod:`raffm_core.lora`).
 """
 
 from __future__ import annotations
@@ -19,23 +19,18 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from raffm_core import Permutation, SubnetSpec, describe, rank_units
-from raffm_core.lora import lora_keys, with_lora
-from raffm_core.peft_lora import (
+from raffm_core.lora import (
     LoraSettings,
     attach_lora,
     is_head_key,
     load_trainable_state,
+    lora_keys,
     place_spec,
     trainable_state,
+    with_lora,
 )
-from raffm_core.wire import (
-    LORA_ALPHA,
-    LORA_DROPOUT,
-    LORA_RANK,
-    LORA_TARGET_MODULES,
-    PEFT,
-    RunConfig,
-)
+from raffm_core.task.config import RunConfig
+from raffm_core.task.keys import LORA_ALPHA, LORA_DROPOUT, LORA_RANK, LORA_TARGET_MODULES, PEFT
 
 from .strategy import RaFFM, State
 
@@ -125,7 +120,7 @@ class RaFFMLoRA(RaFFM):
       ``score.*``), in the coordinates of the unpermuted pretrained model.
       The global model is never permuted.
     * A node's ``spec`` is the budget's prefix spec mapped through the fixed
-      ranking of the base (:func:`raffm_core.peft_lora.place_spec`): explicit,
+      ranking of the base (:func:`raffm_core.lora.place_spec`): explicit,
       sorted unit indices per layer.
     * Aggregation is :func:`raffm_core.aggregate` over the LoRA layout: ``A``
       sliced on its input axis under the attention output and down

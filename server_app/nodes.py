@@ -12,7 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from raffm_core import ModelLayout, TrainingProfile
-from raffm_core.wire import CONFIG, SERVER_ROUND
+from raffm_core.task.keys import CONFIG, SERVER_ROUND
 
 from .records import NodeBudget
 from .replies import Rejected, parse_budget_reply

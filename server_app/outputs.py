@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
-from raffm_core.wire import NUM_EXAMPLES, RunConfig  # noqa: E402
+from raffm_core.task.config import RunConfig  # noqa: E402
+from raffm_core.task.keys import NUM_EXAMPLES  # noqa: E402
 
 from .records import RoundLog  # noqa: E402
 

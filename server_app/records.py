@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from logging import INFO
 from typing import Any
 
+import torch
 from flwr.app import Message
+from flwr.common.logger import log
 
-from raffm_core import Budget, SubnetSpec
+from raffm_core import Budget, Permutation, SubnetSpec
 from raffm_core.spec import width_count
 
 
@@ -31,6 +36,25 @@ class NodeBudget:
     max_fraction: float
 
 
+_CLIENT_FIELDS = frozenset(
+    {
+        "node",
+        "partition-id",
+        "budget",
+        "spec",
+        "heads-per-layer",
+        "ffn-per-layer",
+        "params",
+        "params-fraction",
+        "bytes-down",
+        "bytes-up",
+        "status",
+        "reason",
+    }
+)
+"""Keys of a client entry of ``rounds.json`` that are not reply metrics."""
+
+
 @dataclass
 class ClientRound:
     """One node's part in one round: what it was sent and what became of its reply."""
@@ -48,6 +72,7 @@ class ClientRound:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """As ``rounds.json`` and the checkpoint hold it (:meth:`from_dict` inverts it)."""
         heads = [width_count(layer.heads) for layer in self.spec.layers]
         ffn = [width_count(layer.ffn) for layer in self.spec.layers]
         return {
@@ -66,6 +91,23 @@ class ClientRound:
             **self.metrics,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClientRound:
+        """The entry :meth:`to_dict` wrote; every key it did not fix is a reply metric."""
+        return cls(
+            node_id=data["node"],
+            partition_id=data["partition-id"],
+            budget=data["budget"],
+            spec=SubnetSpec.from_dict(data["spec"]),
+            params=data["params"],
+            params_fraction=data["params-fraction"],
+            bytes_down=data["bytes-down"],
+            bytes_up=data["bytes-up"],
+            status=data["status"],
+            reason=data["reason"],
+            metrics={k: v for k, v in data.items() if k not in _CLIENT_FIELDS},
+        )
+
 
 @dataclass
 class Sent:
@@ -74,6 +116,20 @@ class Sent:
     message: Message
     spec: SubnetSpec
     client: ClientRound
+
+
+State = dict[str, torch.Tensor]
+"""A state dict: tensor key to tensor."""
+
+
+@dataclass
+class Pending:
+    """What a round sent, kept to validate the replies against it."""
+
+    server_round: int
+    state: State
+    permutation: Permutation | None
+    sent: list[Sent] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +150,7 @@ class RoundLog:
         return sum(c.status == "accepted" for c in self.clients)
 
     def to_dict(self) -> dict[str, Any]:
+        """As ``rounds.json`` and the checkpoint hold it (:meth:`from_dict` inverts it)."""
         return {
             "round": self.server_round,
             "clients-sampled": len(self.clients),
@@ -105,3 +162,51 @@ class RoundLog:
             "federated-evaluation": self.evaluate_metrics,
             "clients": [c.to_dict() for c in self.clients],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoundLog:
+        """The round :meth:`to_dict` wrote; ``started`` (a monotonic clock) is not kept."""
+        return cls(
+            server_round=data["round"],
+            started=0.0,
+            clients=[ClientRound.from_dict(c) for c in data["clients"]],
+            kept_previous=data["kept-previous-model"],
+            wall_time_s=data["wall-time-s"],
+            train_metrics=dict(data["train-metrics"]),
+            evaluate_metrics=dict(data["federated-evaluation"]),
+            excluded={int(e["node"]): e["reason"] for e in data["clients-excluded"]},
+        )
+
+
+def log_progress(
+    entry: RoundLog | None,
+    server_round: int,
+    num_rounds: int,
+    metrics: Mapping[str, float] | None,
+    exclude: str = "num-examples",
+) -> None:
+    """Log the line of a finished round (``entry`` is ``None`` for round 0) and its wall time."""
+    scores = ", ".join(
+        f"{k} {v:.3f}"
+        for k, v in (metrics or {}).items()
+        if k != exclude and isinstance(v, float | int)
+    )
+    if entry is None:
+        log(INFO, "round 0/%d: initial global model, %s", num_rounds, scores or "-")
+        return
+    entry.wall_time_s = time.monotonic() - entry.started
+    rejected = sum(c.status != "accepted" for c in entry.clients)
+    kept = ", previous model kept" if entry.kept_previous else ""
+    if entry.excluded:
+        kept += f", {len(entry.excluded)} excluded"
+    log(
+        INFO,
+        "round %d/%d: %d clients (%d rejected%s), %s, %.1f s",
+        server_round,
+        num_rounds,
+        len(entry.clients),
+        rejected,
+        kept,
+        scores or "-",
+        entry.wall_time_s,
+    )

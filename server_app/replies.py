@@ -30,7 +30,7 @@ from raffm_core import (
     check_update,
     select_subnet,
 )
-from raffm_core.wire import (
+from raffm_core.task.keys import (
     ARRAYS,
     BUDGET,
     CONFIG,

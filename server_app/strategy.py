@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -21,38 +19,23 @@ from raffm_core import (
     ServerOptimizer,
     SubnetSpec,
     TrainingProfile,
-    aggregate,
+    aggregate_with_coverage,
+    prioritize_state,
     select_subnet,
 )
-from raffm_core.wire import (
-    BASE_CONFIG,
-    NUM_EXAMPLES,
-    PROXIMAL_MU,
-    SERVER_ROUND,
-)
+from raffm_core.task.keys import BASE_CONFIG, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND
 
-from .checkpoint import RoundOffset
-from .instructions import build_instruction, prioritized
+from .evaluation import FederatedEvaluation
+from .instructions import build_instruction
 from .nodes import query_budgets, sample_nodes, spec_seed, wait_for_nodes
-from .records import NodeBudget, RoundLog, Sent
-from .replies import cap_examples, check_evaluate_reply, check_train_reply, match_replies
+from .records import NodeBudget, Pending, RoundLog, Sent, State, log_progress
+from .replies import cap_examples, check_train_reply, match_replies
 
-State = dict[str, torch.Tensor]
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundEndFn = Callable[[int, ArrayRecord, MetricRecord | None], None]
 
 
-@dataclass
-class _Pending:
-    """What a round sent, kept to validate the replies against it."""
-
-    server_round: int
-    state: State
-    permutation: Permutation | None
-    sent: list[Sent] = field(default_factory=list)
-
-
-class RaFFM(Strategy):
+class RaFFM(FederatedEvaluation, Strategy):
     r"""Resource-aware sub-model federated fine-tuning (RaFFM).
 
     Each round the strategy (1) prioritizes the global model's salient
@@ -160,7 +143,11 @@ class RaFFM(Strategy):
         self.min_train_nodes = min_train_nodes
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
-        self.min_replies = max(1, min_replies)
+        if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1:
+            raise ValueError(
+                f"min_replies = {min_replies!r}: a round needs at least 1 surviving reply"
+            )
+        self.min_replies = min_replies
         self.selection_mode = selection_mode
         self.salience_norm = salience_norm
         self.server_optimizer = server_optimizer or ServerOptimizer("fedavg")
@@ -173,7 +160,7 @@ class RaFFM(Strategy):
         self.skipped: dict[int, str] = {}
         self.history: dict[int, RoundLog] = {}
         self.num_rounds = 0
-        self._pending: _Pending | None = None
+        self._pending: Pending | None = None
         self._pending_eval: list[Sent] = []
 
     def summary(self) -> None:
@@ -218,7 +205,6 @@ class RaFFM(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: EvaluateFn | None = None,
         *,
-        first_round: int = 1,
         on_round_end: RoundEndFn | None = None,
     ) -> Result:
         """Query budgets, then run Flower's loop; logs one progress line per round.
@@ -226,55 +212,45 @@ class RaFFM(Strategy):
         Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`,
         plus:
 
-        first_round : int
-            Resume: ``initial_arrays`` is the global model after round
-            ``first_round - 1`` (already evaluated), and rounds
-            ``first_round .. num_rounds`` run. The result's rounds keep their
-            true numbers.
         on_round_end : callable, optional
             ``on_round_end(server_round, arrays, central_metrics)`` after each
             complete round, and after the initial evaluation as round 0 (the
             ServerApp writes its checkpoint there).
+
+        A resumed run starts through ``server_app.checkpoint.RoundOffset``, which
+        uses :meth:`prepare` and :meth:`reporting` the same way.
         """
-        if first_round < 1:
-            raise ValueError(f"first_round must be >= 1, got {first_round}")
+        self.prepare(grid, num_rounds)
+        return Strategy.start(
+            self,
+            grid,
+            initial_arrays,
+            num_rounds,
+            timeout,
+            train_config,
+            evaluate_config,
+            self.reporting(evaluate_fn, on_round_end),
+        )
+
+    def prepare(self, grid: Grid, num_rounds: int) -> None:
+        """Before round 1: wait for nodes, query budgets; ``num_rounds`` is the last round."""
         self.num_rounds = num_rounds
-        offset = first_round - 1
         wait_for_nodes(grid, self.min_available_nodes, self.query_timeout)
         self.query_budgets(grid)
 
-        def evaluate_and_report(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if flower_round == 0 and offset:  # evaluated before the interruption
-                return None
-            server_round = flower_round + offset
+    def reporting(
+        self, evaluate_fn: EvaluateFn | None, on_round_end: RoundEndFn | None
+    ) -> EvaluateFn:
+        """``evaluate_fn`` for Flower's loop: evaluate, log progress, then ``on_round_end``."""
+
+        def evaluate_and_report(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
-            self._log_progress(server_round, metrics)
+            log_progress(self.history.get(server_round), server_round, self.num_rounds, metrics)
             if on_round_end is not None:
                 on_round_end(server_round, arrays, metrics)
             return metrics
 
-        if offset >= num_rounds:
-            log(INFO, "all %d rounds were complete already", num_rounds)
-            return Result(arrays=initial_arrays)
-        result = Strategy.start(
-            RoundOffset(self, offset) if offset else self,
-            grid,
-            initial_arrays,
-            num_rounds - offset,
-            timeout,
-            train_config,
-            evaluate_config,
-            evaluate_and_report,
-        )
-        for history in (
-            result.train_metrics_clientapp,
-            result.evaluate_metrics_clientapp,
-            result.evaluate_metrics_serverapp,
-        ):
-            shifted = {r + offset: m for r, m in history.items()}
-            history.clear()
-            history.update(shifted)
-        return result
+        return evaluate_and_report
 
     def query_budgets(self, grid: Grid, node_ids: Iterable[int] | None = None) -> None:
         """Ask nodes (default: every registered one) for their budget; see :mod:`.nodes`."""
@@ -297,7 +273,7 @@ class RaFFM(Strategy):
         nodes = sample_nodes(
             eligible, self.fraction_train, self.min_train_nodes, self.seed, server_round, "train"
         )
-        pending = _Pending(server_round, state, permutation)
+        pending = Pending(server_round, state, permutation)
         excluded: dict[int, str] = {}
         for node in nodes:
             sent = self._instruct(node, server_round, state, config, MessageType.TRAIN, excluded)
@@ -354,7 +330,7 @@ class RaFFM(Strategy):
             )
             return None, None
         updates = [update for update, _ in accepted]
-        fused, coverage = aggregate(pending.state, updates, self.layout, return_coverage=True)
+        fused, coverage = aggregate_with_coverage(pending.state, updates, self.layout)
         # The optimizer's moments follow the model only once the round is kept.
         if pending.permutation is not None:
             self.server_optimizer.permute(self.layout, pending.permutation)
@@ -363,47 +339,6 @@ class RaFFM(Strategy):
         entry.train_metrics = dict(metrics)
         return ArrayRecord(new_state), metrics
 
-    # ----------------------------------------------------------- evaluation
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send sampled nodes their budget's sub-model of the global model to score."""
-        self._pending_eval = []
-        if self.fraction_evaluate == 0.0:
-            return []
-        state, _ = self.prepare_state(arrays)
-        nodes = sample_nodes(
-            self._eligible(grid),
-            self.fraction_evaluate,
-            self.min_evaluate_nodes,
-            self.seed,
-            server_round,
-            "evaluate",
-        )
-        for node in nodes:
-            sent = self._instruct(node, server_round, state, config, MessageType.EVALUATE)
-            if sent is not None:
-                self._pending_eval.append(sent)
-        return [s.message for s in self._pending_eval]
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Weighted mean of the valid evaluation replies' metrics."""
-        sent, self._pending_eval = self._pending_eval, []
-        accepted = match_replies(
-            replies,
-            sent,
-            "evaluation reply",
-            lambda reply, sent: check_evaluate_reply(reply, sent.client.node_id),
-        )
-        if not accepted:
-            return None
-        metrics = aggregate_metricrecords([reply.content for _, reply in accepted], NUM_EXAMPLES)
-        if server_round in self.history:
-            self.history[server_round].evaluate_metrics = dict(metrics)
-        return metrics
-
     # ------------------------------------------- what subclasses may swap
     def prepare_state(self, arrays: ArrayRecord) -> tuple[State, Permutation | None]:
         """The global state sub-models are cut from, and the reordering applied to it.
@@ -411,7 +346,7 @@ class RaFFM(Strategy):
         RaFFM prioritizes the global model each round; subclasses that keep
         the model in place (:class:`server_app.lora.RaFFMLoRA`) return ``None``.
         """
-        return prioritized(arrays, self.layout, self.salience_norm)
+        return prioritize_state(arrays.to_torch_state_dict(), self.layout, self.salience_norm)
 
     def place_spec(self, spec: SubnetSpec) -> SubnetSpec:
         """The spec sent for a budget's prefix spec (here the prefix itself)."""
@@ -460,36 +395,6 @@ class RaFFM(Strategy):
                 excluded[node.node_id] = f"budget {node.budget}: {err}"
             return None
         spec = self.place_spec(spec)
-        extra = {
-            SERVER_ROUND: server_round,
-            BASE_CONFIG: self.base_config,
-            PROXIMAL_MU: float(self.proximal_mu),
-        }
+        extra = {SERVER_ROUND: server_round, BASE_CONFIG: self.base_config}
+        extra[PROXIMAL_MU] = float(self.proximal_mu)
         return build_instruction(node, spec, state, self.layout, config, extra, kind)
-
-    def _log_progress(self, server_round: int, metrics: MetricRecord | None) -> None:
-        scores = ", ".join(
-            f"{k} {v:.3f}"
-            for k, v in (metrics or {}).items()
-            if k != NUM_EXAMPLES and isinstance(v, float | int)
-        )
-        entry = self.history.get(server_round)
-        if entry is None:
-            log(INFO, "round 0/%d: initial global model, %s", self.num_rounds, scores or "-")
-            return
-        entry.wall_time_s = time.monotonic() - entry.started
-        rejected = sum(c.status != "accepted" for c in entry.clients)
-        kept = ", previous model kept" if entry.kept_previous else ""
-        if entry.excluded:
-            kept += f", {len(entry.excluded)} excluded"
-        log(
-            INFO,
-            "round %d/%d: %d clients (%d rejected%s), %s, %.1f s",
-            server_round,
-            self.num_rounds,
-            len(entry.clients),
-            rejected,
-            kept,
-            scores or "-",
-            entry.wall_time_s,
-        )

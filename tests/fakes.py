@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from raffm_core.wire import (
+from raffm_core.task.keys import (
     ARRAYS,
     BUDGET,
     CONFIG,

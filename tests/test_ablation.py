@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raffm_core import describe, permute_state
-from raffm_core.wire import RunConfig
+from raffm_core.task.config import RunConfig
 from tests.assets import save_tiny_bert, write_polarity_csv
 from tests.models import tiny_model
 

@@ -113,7 +113,7 @@ def test_equal_full_width_updates_equal_fedavg(model, layout):
 def test_coverage_and_pseudo_gradient(model, layout):
     updates = [_update(model, layout, R.SubnetSpec.uniform(2, 1, 8), seed=0, n=4)]
     global_state = model.state_dict()
-    new, coverage = R.aggregate(global_state, updates, layout, return_coverage=True)
+    new, coverage = R.aggregate_with_coverage(global_state, updates, layout)
     delta = R.pseudo_gradient(global_state, new)
     for key, covered in coverage.items():
         covered = covered.expand_as(global_state[key])

@@ -19,7 +19,7 @@ from flwr.app import Context, Message, RecordDict
 
 from client_app.app import build_client_app
 from raffm_core import LayerSpec, ServerOptimizer, SubnetSpec
-from raffm_core.wire import RunConfig
+from raffm_core.task.config import RunConfig
 from server_app import checkpoint as ckpt
 from server_app.app import run
 from server_app.records import ClientRound, RoundLog
@@ -182,6 +182,21 @@ def test_save_load_round_trip_is_exact(tmp_path):
     }
     assert loaded.central == original.central
     assert (loaded.best_round, loaded.best_score) == (1, 0.6)
+
+
+def test_a_round_with_an_excluded_node_round_trips(tmp_path):
+    """``clients-excluded`` of a resumed run must count the rounds before the interruption."""
+    original = sample_checkpoint()
+    original.history[2].excluded = {9: "budget params=0.3 is below the smallest sub-network"}
+    path = tmp_path / ckpt.CHECKPOINT_FILE
+    ckpt.save_checkpoint(path, original)
+    loaded = ckpt.load_checkpoint(path).history[2]
+    assert loaded.excluded == {9: "budget params=0.3 is below the smallest sub-network"}
+    assert loaded.to_dict()["clients-excluded"] == [
+        {"node": 9, "reason": "budget params=0.3 is below the smallest sub-network"}
+    ]
+    assert loaded.clients[0].metrics == {"x": 1.0}
+    assert loaded.clients[0].spec == original.history[2].clients[0].spec
 
 
 def test_rng_state_is_restored():

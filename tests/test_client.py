@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client_app.app import build_client_app
 from client_app.training import InstructionError, TrainSettings
-from raffm_core import Budget, base_config, describe, select_subnet
-from raffm_core.wire import (
+from raffm_core import Budget, base_config, describe, prioritize_state, select_subnet
+from raffm_core.task.keys import (
     ARRAYS,
     BUDGET,
     CONFIG,
@@ -18,7 +18,7 @@ from raffm_core.wire import (
     PARTITION_ID,
     TRAIN_REPLY_METRICS,
 )
-from server_app.instructions import build_instruction, prioritized
+from server_app.instructions import build_instruction
 from server_app.records import NodeBudget
 from tests.assets import save_tiny_bert, write_polarity_csv
 from tests.fakes import task_identity
@@ -58,7 +58,7 @@ def context(partition_id: int = 1, **node_config) -> Context:
 
 def instruction(model, budget: str, kind: str = MessageType.TRAIN, **config) -> Message:
     layout = describe(model)
-    state, _ = prioritized(ArrayRecord(model.state_dict()), layout, "l1")
+    state, _ = prioritize_state(model.state_dict(), layout, "l1")
     spec = select_subnet(layout, budget)
     node = NodeBudget(5, Budget.parse(budget), 1, 1.0)
     extra = {
@@ -134,6 +134,14 @@ def test_a_bad_instruction_raises_a_clear_error(setup):
     message = instruction(model, "params=0.6")
     del message.content[CONFIG]["spec"]
     with pytest.raises(InstructionError, match="instruction has no 'spec'"):
+        app(message, context())
+
+
+def test_an_unknown_peft_method_is_an_error_not_full_fine_tuning(setup):
+    app, model = setup
+    message = instruction(model, "params=0.6")
+    message.content[CONFIG]["peft"] = "qlora"
+    with pytest.raises(InstructionError, match="'peft' = 'qlora' is not supported"):
         app(message, context())
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raffm_core.wire import ConfigError, RunConfig
+from raffm_core.task.config import ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -40,6 +40,8 @@ def test_run_config_overrides_defaults_which_override_builtins():
         ({"server-update": "fedyogi"}, "server-update = 'fedyogi' is not supported"),
         ({"proximal-mu": 0.1}, "only used with server-update = 'fedprox'"),
         ({"budget-profile": " , "}, "budget-profile is empty"),
+        ({"min-replies": 0}, "min-replies = 0, expected >= 1"),
+        ({"salience-norm": "l3"}, "salience-norm = 'l3' is not supported"),
     ],
 )
 def test_bad_values_are_errors_that_name_the_key(mapping, message):

@@ -1,4 +1,4 @@
-"""Loading, normalizing, tokenizing, partitioning and scoring data (raffm_core.data)."""
+"""Loading, normalizing, tokenizing, partitioning and scoring data (raffm_core.task)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,11 @@ import pytest
 import torch
 
 from client_app.partition import load_local_data, node_budget, node_partition
-from raffm_core.data import (
-    DataError,
-    DatasetSpec,
-    TaskInfo,
-    compute_metrics,
-    encode,
-    evaluate_model,
-    load_splits,
-    make_loader,
-    take,
-)
-from raffm_core.wire import ConfigError, RunConfig
+from raffm_core.errors import DataError
+from raffm_core.task.config import ConfigError, RunConfig
+from raffm_core.task.data import DatasetSpec, TaskInfo, load_splits
+from raffm_core.task.encode import encode, make_loader, take
+from raffm_core.task.metrics import compute_metrics, evaluate_model
 from tests.assets import polarity_rows, tiny_tokenizer
 
 ROWS = polarity_rows(40)

@@ -7,7 +7,8 @@ import torch
 import transformers as T
 
 import raffm_core as R
-from raffm_core.deploy import InferenceProfile, export_submodel
+from raffm_core import InferenceProfile
+from raffm_core.deploy import export_submodel
 from tests.models import tiny_inputs, tiny_model
 
 

@@ -20,9 +20,11 @@ import torch
 import transformers as T
 
 import raffm_core as R
-from raffm_core.deploy import InferenceProfile, export_submodel
-from raffm_core.images import ImageDatasetSpec, load_image_splits
-from raffm_core.vit import load_pixel_processor
+from raffm_core import InferenceProfile
+from raffm_core.deploy import export_submodel
+from raffm_core.task.data import DatasetSpec
+from raffm_core.task.images import load_image_splits
+from raffm_core.task.models import load_pixel_processor
 from tests.assets import save_tiny_bert, write_polarity_csv
 from tests.models import tiny_inputs, tiny_model
 
@@ -155,7 +157,7 @@ def test_deploy_script_exports_what_it_evaluated(vit_run, tmp_path):
     model = R.load_submodel(out).eval()
     assert sum(p.numel() for p in model.parameters()) == report["params"]
     # recompute the accuracy from the exported folder: same held-out split, own argmax
-    splits = load_image_splits(ImageDatasetSpec("sklearn:digits", seed=0))
+    splits = load_image_splits(DatasetSpec("sklearn:digits", seed=0))
     rows = splits.test.with_format("numpy")
     chosen = sorted(np.random.default_rng(0).choice(len(rows), size=120, replace=False).tolist())
     images, labels = rows[chosen]["image"], rows[chosen]["label"]
@@ -198,7 +200,7 @@ def test_deploy_curve_on_a_text_model(tmp_path):
     assert float(rows[1]["params-fraction"]) <= 0.8 < float(rows[2]["params-fraction"]) == 1.0
     assert (out / "curve.png").stat().st_size > 0 and "infeasible" in (out / "curve.md").read_text()
     # oracle: the saved (unprioritized) model scored by hand on the same 12 held-out rows
-    from raffm_core.data import DatasetSpec, load_splits
+    from raffm_core.task.data import DatasetSpec, load_splits
 
     test = load_splits(DatasetSpec(str(data), test_fraction=0.2, seed=0)).test
     tokenizer = T.AutoTokenizer.from_pretrained(model_dir)

@@ -13,14 +13,15 @@ from client_app import partition
 from client_app.app import build_client_app
 from raffm_core import Budget, BudgetError
 from raffm_core.budget import RUNTIME_OVERHEAD_MB
-from raffm_core.device import (
+from raffm_core.task.config import RunConfig
+from raffm_core.task.device import (
     CgroupMemory,
     MemoryReading,
     auto_budget,
     measure_memory,
     read_cgroup_memory,
 )
-from raffm_core.wire import BUDGET, CONFIG, RunConfig
+from raffm_core.task.keys import BUDGET, CONFIG
 from tests.fakes import task_identity
 
 GB = 2**30

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 
 from raffm_core import base_config, describe
-from raffm_core.wire import CONFIG, SERVER_ROUND
+from raffm_core.task.keys import CONFIG, SERVER_ROUND
 from server_app.strategy import RaFFM
 from tests.fakes import FakeGrid, budget_reply, task_identity, train_reply
 from tests.models import tiny_model

@@ -15,15 +15,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import raffm_core as R
 from client_app.training import TrainSettings, train_submodel
-from raffm_core.data import DataError, make_loader
-from raffm_core.lm_data import (
-    IGNORE_INDEX,
-    encode_instructions,
-    evaluate_lm,
-    response_words,
-)
-from raffm_core.lora import with_lora
-from raffm_core.peft_lora import LoraSettings, build_lora_submodel, place_spec
+from raffm_core.errors import DataError
+from raffm_core.lora import LoraSettings, build_lora_submodel, place_spec, with_lora
+from raffm_core.task.encode import make_loader
+from raffm_core.task.metrics import evaluate_lm
+from raffm_core.task.prompts import IGNORE_INDEX, encode_instructions, response_words
 from tests.assets import FILLER, NEGATIVE, POSITIVE
 
 WORDS = ["<pad>", "<unk>", "</s>", "Review", ":", "Sentiment"] + POSITIVE + NEGATIVE + FILLER
@@ -200,7 +196,7 @@ def test_raffm_lora_sub_model_of_a_causal_lm_learns_to_answer_with_a_frozen_base
 )
 def test_embedded_smollm2_converts_once_to_a_folder_with_the_gguf_models_outputs(tmp_path):
     """The real SmolLM2 (about a minute and 1.2 GB): converted folder == GGUF-dequantized model."""
-    from raffm_core.smollm2 import gguf_path, materialize_smollm2
+    from raffm_core.task.smollm2 import gguf_path, materialize_smollm2
 
     folder = materialize_smollm2(tmp_path)
     assert materialize_smollm2(tmp_path) == folder  # second call: no conversion

@@ -114,3 +114,19 @@ def test_unknown_lora_target_lists_the_elastic_modules():
     layout = R.describe(tiny_model("bert"))
     with pytest.raises(R.UnsupportedModelError, match=r"\['nope'\].*query"):
         with_lora(layout, ["nope"], rank=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alpha": 0.0}, "LoRA alpha must be > 0, got 0.0"),
+        ({"rank": 0}, "LoRA rank must be an integer >= 1, got 0"),
+        ({"dropout": 1.0}, r"LoRA dropout must be in \[0, 1\), got 1.0"),
+    ],
+    ids=["alpha", "rank", "dropout"],
+)
+def test_bad_lora_settings_are_settings_errors_naming_the_value(kwargs, message):
+    from raffm_core.lora import LoraSettings
+
+    with pytest.raises(R.SettingsError, match=message):
+        LoraSettings(**kwargs)

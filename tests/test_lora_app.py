@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import raffm_core as R
-from raffm_core.peft_lora import (
+from raffm_core.lora import (
     LoraSettings,
     attach_lora,
     build_lora_submodel,
@@ -27,7 +27,8 @@ from raffm_core.peft_lora import (
     read_base_slices,
     trainable_state,
 )
-from raffm_core.wire import ARRAYS, CONFIG, SPEC, ConfigError, RunConfig
+from raffm_core.task.config import ConfigError, RunConfig
+from raffm_core.task.keys import ARRAYS, CONFIG, SPEC
 from server_app.lora import LoraGlobalModel, RaFFMLoRA
 from tests.assets import FILLER, NEGATIVE, POSITIVE, write_polarity_csv
 from tests.fakes import FakeGrid, budget_reply, task_identity, train_reply

@@ -14,7 +14,7 @@ def _round(model, layout, spec, seed):
     g = torch.Generator().manual_seed(seed)
     sub = R.extract_state_dict(model.state_dict(), layout, spec)
     update = (spec, {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sub.items()}, 4)
-    return R.aggregate(model.state_dict(), [update], layout, return_coverage=True)
+    return R.aggregate_with_coverage(model.state_dict(), [update], layout)
 
 
 def test_fedavg_returns_the_aggregate():

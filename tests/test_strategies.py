@@ -19,7 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from raffm_core import SubnetSpec, base_config, describe, rank_units
-from raffm_core.wire import SPEC, STRATEGIES, ConfigError, RunConfig
+from raffm_core.task.config import STRATEGIES, ConfigError, RunConfig
+from raffm_core.task.keys import SPEC
 from server_app.app import build_strategy, run
 from server_app.baselines import (
     STRATEGY_CLASSES,

@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 
 from raffm_core import ServerOptimizer, SubnetSpec, base_config, describe
-from raffm_core.wire import ARRAYS, BASE_CONFIG, CONFIG, PROXIMAL_MU, SERVER_ROUND, SPEC
+from raffm_core.task.keys import ARRAYS, BASE_CONFIG, CONFIG, PROXIMAL_MU, SERVER_ROUND, SPEC
 from server_app.strategy import RaFFM
 from tests.fakes import (
     REPLY_KINDS,

@@ -20,20 +20,16 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, ViTConfig
 
 from raffm_core import SubnetSpec, describe, permute_state, rank_units
-from raffm_core.data import DataError
-from raffm_core.images import (
-    FASHION_MNIST_DIR,
-    ImageDatasetSpec,
-    PixelProcessor,
-    load_image_splits,
-    read_idx,
-)
-from raffm_core.vit import (
+from raffm_core.errors import DataError
+from raffm_core.task.data import DatasetSpec
+from raffm_core.task.images import FASHION_MNIST_DIR, load_image_splits, read_idx
+from raffm_core.task.models import (
     is_image_model,
     load_image_model,
     load_pixel_processor,
     tiny_vit_config,
 )
+from raffm_core.task.pixels import PixelProcessor
 from tests.sim import read_json, simulate
 
 TINY = (
@@ -78,7 +74,7 @@ def test_an_idx_folder_loads_with_train_and_test_splits(tmp_path):
             idx_bytes(rng.integers(0, 256, (n, 5, 5)))
         )
         (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(n) % 3))
-    splits = load_image_splits(ImageDatasetSpec(str(tmp_path), test_split="test"))
+    splits = load_image_splits(DatasetSpec(str(tmp_path), test_split="test"))
     assert (len(splits.train), len(splits.test)) == (12, 6)
     assert splits.task.num_labels == 3
     image = np.asarray(splits.test.with_format("numpy")[0]["image"])
@@ -88,8 +84,8 @@ def test_an_idx_folder_loads_with_train_and_test_splits(tmp_path):
 def test_digits_split_is_seeded_and_keeps_pixels():
     from sklearn.datasets import load_digits
 
-    a = load_image_splits(ImageDatasetSpec("sklearn:digits", seed=3))
-    b = load_image_splits(ImageDatasetSpec("sklearn:digits", seed=3))
+    a = load_image_splits(DatasetSpec("sklearn:digits", seed=3))
+    b = load_image_splits(DatasetSpec("sklearn:digits", seed=3))
     assert len(a.train) + len(a.test) == 1797 and a.task.num_labels == 10
     assert a.test["label"] == b.test["label"]
     grey = np.asarray(a.train.with_format("numpy")["image"]).astype(np.uint8)[..., 0]
@@ -124,7 +120,7 @@ def test_npz_parquet_and_imagefolder_sources_agree(tmp_path):
         ("d.parquet", "pixels", "y"),
         ("folder", "image", "label"),
     ):
-        spec = ImageDatasetSpec(
+        spec = DatasetSpec(
             str(tmp_path / source),
             image_column=image_column,
             label_column=label_column,
@@ -145,14 +141,14 @@ def test_npz_parquet_and_imagefolder_sources_agree(tmp_path):
 def test_missing_column_is_named(tmp_path):
     np.savez(tmp_path / "d.npz", pixels=np.zeros((4, 2, 2), np.uint8), y=np.arange(4) % 2)
     with pytest.raises(DataError, match="'image'"):
-        load_image_splits(ImageDatasetSpec(str(tmp_path / "d.npz"), label_column="y"))
+        load_image_splits(DatasetSpec(str(tmp_path / "d.npz"), label_column="y"))
 
 
 @pytest.mark.skipif(
     not FASHION_MNIST_DIR.is_dir(), reason="apt package dataset-fashion-mnist not installed"
 )
 def test_debian_fashion_mnist_loads():
-    splits = load_image_splits(ImageDatasetSpec("debian:fashion-mnist", test_split="test"))
+    splits = load_image_splits(DatasetSpec("debian:fashion-mnist", test_split="test"))
     assert (len(splits.train), len(splits.test)) == (60000, 10000)
     assert splits.task.label_names[0] == "T-shirt/top"
 
@@ -199,6 +195,10 @@ def test_tiny_vit_names_parse_and_reject_unknown_keys():
     assert is_image_model(TINY)
     with pytest.raises(DataError, match="hidden"):
         tiny_vit_config("vit-tiny:hidden=3")
+    with pytest.raises(DataError, match=r"hidden_size='4x' is not an integer"):
+        tiny_vit_config("vit-tiny:hidden_size=4x")
+    with pytest.raises(DataError, match=r"qkv_bias='maybe' is not a bool"):
+        tiny_vit_config("vit-tiny:qkv_bias=maybe")
 
 
 def test_saved_vit_loads_by_path_with_its_processor(tmp_path):
@@ -216,7 +216,7 @@ def test_saved_vit_loads_by_path_with_its_processor(tmp_path):
     PixelProcessor(8, 3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4)).save_pretrained(tmp_path)
     assert is_image_model(str(tmp_path))
     assert load_pixel_processor(str(tmp_path)).mean == (0.4, 0.5, 0.6)
-    task = load_image_splits(ImageDatasetSpec("sklearn:digits")).task
+    task = load_image_splits(DatasetSpec("sklearn:digits")).task
     model = load_image_model(str(tmp_path), task, seed=0)
     assert model.config.num_labels == 10 and model.config.id2label[3] == "3"
 
@@ -292,7 +292,7 @@ def test_vit_learned_and_final_model_is_a_plain_hf_folder(run_dir):
     assert json.loads((final / "preprocessor_config.json").read_text())["size"]["height"] == 8
     model = AutoModelForImageClassification.from_pretrained(final).eval()
     process = load_pixel_processor(str(final))
-    splits = load_image_splits(ImageDatasetSpec("sklearn:digits"))
+    splits = load_image_splits(DatasetSpec("sklearn:digits"))
     batch = splits.test.with_format("numpy")[:64]
     with torch.no_grad():
         predicted = model(pixel_values=process(list(batch["image"]))).logits.argmax(-1)

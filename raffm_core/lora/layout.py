@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from .errors import UnsupportedModelError
-from .layout import Coupled, LayerLayout, ModelLayout
+from ..errors import UnsupportedModelError
+from ..layout import Coupled, LayerLayout, ModelLayout
 
 PEFT_PREFIX = "base_model.model."
 ROW_ROLES = ("query", "key", "value")  # plus every "ffn_in.N"

@@ -1,4 +1,4 @@
-"""Instruction-style causal-LM text made from a labelled text dataset, and its metrics.
+"""Instruction-style causal-LM text made from a labelled text dataset.
 
 The paper fine-tunes LLaMA-2 with LoRA on instruction data. Offline, a small
 instruction set is made from local data: each labelled sentence of a
@@ -10,27 +10,24 @@ one-word response::
 
 The loss covers the response tokens only (prompt tokens are labelled
 ``-100``, as ``transformers`` causal-LM heads ignore them), so a model learns
-to answer, and :func:`evaluate_lm` scores its answers exactly: an example is
+to answer, and :func:`raffm_core.task.metrics.evaluate_lm` scores its answers exactly: an example is
 right when every response token is the model's greedy next-token choice.
 
-Split rows are those of :func:`raffm_core.data.load_splits` (``text`` and an
-integer ``label``); :func:`raffm_core.data.make_loader` batches the encoded
+Split rows are those of :func:`raffm_core.task.data.load_splits` (``text`` and an
+integer ``label``); :func:`raffm_core.task.encode.make_loader` batches the encoded
 rows (it pads token-level labels with ``-100``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import datasets
-import torch
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from .data import LABEL, TEXT, DataError
-from .wire import ACCURACY, LOSS, NUM_EXAMPLES
+from ..errors import DataError
+from .data import LABEL, TEXT
 
 PROMPT_TEMPLATE = "Review: {text}\nSentiment:"
 """Default prompt; ``{text}`` is the sentence. The response follows after a space."""
@@ -39,7 +36,6 @@ POLARITY_WORDS = {"-1": "negative", "1": "positive", "0": "negative"}
 """Response words for the polarity corpus's labels (``1``/``-1``; ``0``/``1`` in SST-2)."""
 
 IGNORE_INDEX = -100
-PERPLEXITY = "perplexity"
 
 
 def response_words(label_names: Sequence[str], words: dict[str, str] | None = None) -> list[str]:
@@ -48,7 +44,7 @@ def response_words(label_names: Sequence[str], words: dict[str, str] | None = No
     Parameters
     ----------
     label_names : sequence of str
-        :attr:`raffm_core.data.TaskInfo.label_names`, in label-index order.
+        :attr:`raffm_core.task.data.TaskInfo.label_names`, in label-index order.
     words : dict, optional
         Label name to word; :data:`POLARITY_WORDS` by default. Names that are
         already words (``"positive"``) may be left out.
@@ -129,52 +125,10 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-@torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Response-token loss, perplexity and exact-answer accuracy of a causal LM.
-
-    ``loss`` is the mean cross-entropy per response token (positions labelled
-    ``-100`` excluded); ``accuracy`` is the share of examples whose response
-    tokens are all the greedy next-token predictions. The model is left in
-    eval mode.
-
-    Raises
-    ------
-    DataError
-        If the loader yields no response token.
-    """
-    model.eval()
-    total, tokens, right, examples = 0.0, 0, 0, 0
-    for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # position t predicts token t + 1
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        scored = labels != IGNORE_INDEX
-        losses = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels.clamp(min=0), reduction="none"
-        )
-        total += float(losses[scored].sum())
-        tokens += int(scored.sum())
-        hits = (logits.argmax(-1) == labels) | ~scored
-        right += int(hits.all(dim=1).sum())
-        examples += len(labels)
-    if not tokens:
-        raise DataError("cannot evaluate a causal LM without response tokens")
-    loss = total / tokens
-    return {
-        LOSS: loss,
-        PERPLEXITY: math.exp(min(loss, 50.0)),
-        ACCURACY: right / examples,
-        NUM_EXAMPLES: examples,
-    }
-
-
 __all__ = [
     "IGNORE_INDEX",
-    "PERPLEXITY",
     "POLARITY_WORDS",
     "PROMPT_TEMPLATE",
     "encode_instructions",
-    "evaluate_lm",
     "response_words",
 ]

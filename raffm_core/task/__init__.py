@@ -1,0 +1,96 @@
+"""The workload around the method: run config, models, data, encoding, metrics.
+
+Nothing here imports Flower. The Flower apps make one call,
+:func:`load_task`, and get everything a run needs: the splits, the
+preprocessor (tokenizer or pixel processor), what the labels are, and how to
+load the model. Whether the run reads text or images is decided here, from
+the model (:func:`raffm_core.task.models.is_image_model`), and nowhere else.
+
+Modules
+-------
+``keys``      wire keys of Messages
+``config``    :class:`RunConfig`, the validated run config, and its choices
+``models``    model sources (``embedded:``, local, hub, ``vit-tiny:``), loading
+``data``      dataset sources, labels and splits (text; shared split routine)
+``images``    image dataset sources
+``pixels``    images to ``pixel_values``
+``prompts``   instruction-style prompts for causal LMs
+``encode``    tokenizing, batching, sampling
+``metrics``   scoring on a held-out split
+``device``    what memory a node may use (``budget = "auto"``)
+``smollm2``   the offline SmolLM2 conversion
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+from transformers import PreTrainedModel
+
+from .config import RunConfig
+from .data import IMAGE_MODALITY, TEXT_MODALITY, DatasetSpec, Splits, TaskInfo, load_splits
+from .encode import encode_task
+from .images import load_image_splits
+from .models import Preprocessor, is_image_model, load_model, load_preprocessor, tokens_per_example
+
+__all__ = ["DatasetSpec", "RunConfig", "Splits", "Task", "TaskInfo", "load_task", "task_spec"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything a run needs to know about its workload.
+
+    Attributes
+    ----------
+    model_name : str
+        The run's ``model-name``.
+    splits : Splits
+        The normalized train and held-out splits, and the task they define.
+    preprocessor : Preprocessor
+        The tokenizer (text) or :class:`~raffm_core.task.pixels.PixelProcessor` (images).
+    """
+
+    model_name: str
+    splits: Splits
+    preprocessor: Preprocessor
+
+    @property
+    def info(self) -> TaskInfo:
+        """What the labels are (``splits.task``)."""
+        return self.splits.task
+
+    def encode(self, ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
+        """A normalized split encoded for the model (tokens, prompts or pixels)."""
+        return encode_task(ds, self.preprocessor, max_length, self.info)
+
+    def load_model(self, seed: int) -> PreTrainedModel:
+        """The pretrained model with a seeded head for this task, in eval mode."""
+        return load_model(self.model_name, self.info, seed)
+
+    def tokens_per_example(self, max_length: int) -> int:
+        """Tokens a layer sees per example (the memory model's sequence length)."""
+        return tokens_per_example(self.model_name, max_length)
+
+
+def task_spec(cfg: RunConfig) -> DatasetSpec:
+    """The data spec of a run: images for an image model, text otherwise."""
+    modality = IMAGE_MODALITY if is_image_model(cfg.model_name) else TEXT_MODALITY
+    return DatasetSpec.from_run_config(cfg, modality)
+
+
+def load_splits_of(spec: DatasetSpec) -> Splits:
+    """The splits of ``spec``, read by its modality's loader."""
+    return load_image_splits(spec) if spec.modality == IMAGE_MODALITY else load_splits(spec)
+
+
+def load_task(cfg: RunConfig) -> Task:
+    """The run's workload: splits, preprocessor and task.
+
+    Raises
+    ------
+    DataError
+        If the dataset, a split or a column is missing, or the labels do not
+        fit the task.
+    """
+    return Task(cfg.model_name, load_splits_of(task_spec(cfg)), load_preprocessor(cfg.model_name))

@@ -1,0 +1,52 @@
+"""Every key that travels in a Flower Message, once.
+
+Wire keys are kebab-case strings. Both the ServerApp and the ClientApp import
+them from here, so a key cannot be spelled two ways. Nothing here imports
+Flower: the records themselves are built in ``server_app`` and ``client_app``.
+Run-config keys are the fields of :class:`raffm_core.task.config.RunConfig`.
+"""
+
+from __future__ import annotations
+
+# --- Record names in a Message's RecordDict (as Flower's stock strategies) ---
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# --- ConfigRecord keys of train and evaluate instructions --------------------
+SERVER_ROUND = "server-round"
+SPEC = "spec"  # SubnetSpec.to_json()
+BASE_CONFIG = "base-config"  # the full model's transformers config, as JSON
+LR = "lr"
+LOCAL_STEPS = "local-steps"
+LOCAL_EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
+MAX_LENGTH = "max-length"
+WEIGHT_DECAY = "weight-decay"
+PROXIMAL_MU = "proximal-mu"
+SEED = "seed"
+MIXED_PRECISION = "mixed-precision"  # "no" or "bf16" (autocast; weights stay fp32)
+PEFT = "peft"  # "none" or "lora"; under "lora" also the four keys below
+LORA_RANK = "lora-rank"
+LORA_ALPHA = "lora-alpha"
+LORA_DROPOUT = "lora-dropout"
+LORA_TARGET_MODULES = "lora-target-modules"  # comma-separated, resolved by the server
+
+# --- Budget query: the reply's ConfigRecord; BUDGET is also a node-config key
+BUDGET = "budget"
+PARTITION_ID = "partition-id"  # Flower's own node-config key in simulation
+NUM_PARTITIONS = "num-partitions"  # likewise
+
+# --- MetricRecord keys of replies ---------------------------------------------
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+TRAIN_TIME_S = "train-time-s"
+TRAIN_STEPS = "train-steps"
+PEAK_MEMORY_MB = "peak-memory-mb"
+LOSS = "loss"
+ACCURACY = "accuracy"
+F1 = "f1"
+PEARSON = "pearson"
+
+TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME_S, TRAIN_STEPS, PEAK_MEMORY_MB)
+"""Metrics every train reply carries (the strategy rejects a reply without one)."""

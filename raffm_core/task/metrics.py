@@ -1,0 +1,112 @@
+"""Scoring a model on a held-out split: loss and the task's metrics.
+
+Classification: accuracy and macro-F1; regression: Pearson's r; causal-LM:
+response-token loss, perplexity and exact-answer accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch.utils.data import DataLoader
+
+from ..errors import DataError
+from .config import CAUSAL_LM, REGRESSION
+from .data import TaskInfo
+from .keys import ACCURACY, F1, LOSS, NUM_EXAMPLES, PEARSON
+from .prompts import IGNORE_INDEX
+
+PERPLEXITY = "perplexity"
+
+
+def compute_metrics(task: TaskInfo, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 (classification) or Pearson's r (regression).
+
+    ``outputs`` are logits ``(n, num_labels)`` or, for regression, predictions
+    ``(n,)`` or ``(n, 1)``. Pearson's r of a constant prediction is undefined;
+    it is reported as 0.0 (no linear association).
+    """
+    if task.kind == REGRESSION:
+        pred = np.asarray(outputs, dtype=np.float64).reshape(-1)
+        gold = np.asarray(labels, dtype=np.float64).reshape(-1)
+        if pred.size < 2 or pred.std() == 0 or gold.std() == 0:
+            return {PEARSON: 0.0}
+        return {PEARSON: float(np.corrcoef(pred, gold)[0, 1])}
+    pred = np.asarray(outputs).argmax(-1)
+    gold = np.asarray(labels)
+    return {
+        ACCURACY: float((pred == gold).mean()) if gold.size else 0.0,
+        F1: float(
+            f1_score(
+                gold, pred, average="macro", labels=list(range(task.num_labels)), zero_division=0
+            )
+        ),
+    }
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, loader: DataLoader, task: TaskInfo) -> dict[str, float]:
+    """Mean loss and :func:`compute_metrics` of ``model`` over ``loader``, plus ``num-examples``.
+
+    The model is put in eval mode and left there.
+    """
+    if task.kind == CAUSAL_LM:
+        return evaluate_lm(model, loader)
+    model.eval()
+    total_loss, count = 0.0, 0
+    outputs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for batch in loader:
+        out = model(**batch)
+        n = len(batch["labels"])
+        total_loss += float(out.loss) * n
+        count += n
+        outputs.append(out.logits.float().numpy())
+        labels.append(batch["labels"].numpy())
+    if not count:
+        raise DataError("cannot evaluate on an empty split")
+    metrics = compute_metrics(task, np.concatenate(outputs), np.concatenate(labels))
+    return {LOSS: total_loss / count, **metrics, NUM_EXAMPLES: count}
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+    """Response-token loss, perplexity and exact-answer accuracy of a causal LM.
+
+    ``loss`` is the mean cross-entropy per response token (positions labelled
+    ``-100`` excluded); ``accuracy`` is the share of examples whose response
+    tokens are all the greedy next-token predictions. The model is left in
+    eval mode.
+
+    Raises
+    ------
+    DataError
+        If the loader yields no response token.
+    """
+    model.eval()
+    total, tokens, right, examples = 0.0, 0, 0, 0
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # position t predicts token t + 1
+        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        scored = labels != IGNORE_INDEX
+        losses = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels.clamp(min=0), reduction="none"
+        )
+        total += float(losses[scored].sum())
+        tokens += int(scored.sum())
+        hits = (logits.argmax(-1) == labels) | ~scored
+        right += int(hits.all(dim=1).sum())
+        examples += len(labels)
+    if not tokens:
+        raise DataError("cannot evaluate a causal LM without response tokens")
+    loss = total / tokens
+    return {
+        LOSS: loss,
+        PERPLEXITY: math.exp(min(loss, 50.0)),
+        ACCURACY: right / examples,
+        NUM_EXAMPLES: examples,
+    }
