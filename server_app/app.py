@@ -37,7 +37,7 @@ from raffm_core.task.models import Preprocessor
 from .baselines import strategy_class, strategy_options
 from .checkpoint import Checkpointer, RoundOffset, checkpoint_path
 from .lora import LoraGlobalModel, RaFFMLoRA, lora_settings
-from .outputs import prepare_results_dir, save_model, write_outputs
+from .outputs import VALIDATION_PREFIX, prepare_results_dir, save_model, write_outputs
 
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
@@ -90,8 +90,12 @@ def build_strategy(
 class CentralEvaluator:
     """``evaluate_fn`` of the strategy: score the global model on the held-out split.
 
-    It keeps the best global model's weights (by the task's primary metric;
-    the earliest round on ties) and, given ``rounds_dir``, saves each round's
+    With a ``validation`` loader it scores that split too (metrics prefixed
+    ``val-``) and picks the best round on it, never on the test split. It
+    keeps the best global model's weights (by the task's primary metric; the
+    earliest round on ties). It scores rounds 0, every ``every``-th round
+    and ``last_round``, and returns ``None`` for the others. Given
+    ``rounds_dir``, it saves each scored round's
     global model there as ``round-N/`` (``save-round-models``). ``load`` puts
     the arrays' state into ``model`` (default: a strict ``load_state_dict``;
     under LoRA, :meth:`LoraGlobalModel.load`), and ``export`` gives the model
@@ -107,8 +111,14 @@ class CentralEvaluator:
         rounds_dir: Path | None = None,
         load: Callable[[dict[str, torch.Tensor]], Any] | None = None,
         export: Callable[[], transformers.PreTrainedModel] | None = None,
+        validation: torch.utils.data.DataLoader | None = None,
+        every: int = 1,
+        last_round: int = 0,
     ) -> None:
         self.model = model
+        self.validation = validation
+        self.every = every
+        self.last_round = last_round
         self.load = load or (lambda state: model.load_state_dict(state, strict=True))
         self.export = export or (lambda: model)
         self.loader = loader
@@ -119,11 +129,17 @@ class CentralEvaluator:
         self.best_score = float("-inf")
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round % self.every and server_round != self.last_round:
+            return None
         state = arrays.to_torch_state_dict()
         self.load(state)
         metrics = evaluate_model(self.model, self.loader, self.task)
         score = metrics[self.task.primary_metric]
+        if self.validation is not None:
+            scores = evaluate_model(self.model, self.validation, self.task)
+            metrics.update({f"{VALIDATION_PREFIX}{k}": v for k, v in scores.items()})
+            score = scores[self.task.primary_metric]
         if score > self.best_score:
             self.best_round, self.best_score = server_round, score
             self.best_state = {k: v.detach().clone() for k, v in state.items()}
@@ -152,10 +168,15 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         )
     scored = take(splits.test, cfg.eval_max_examples, cfg.seed)
     held_out = sort_by_length(task.encode(scored, cfg.max_length))
+    validation = None
+    if splits.validation is not None:
+        picked = take(splits.validation, cfg.eval_max_examples, cfg.seed)
+        validation = sort_by_length(task.encode(picked, cfg.max_length))
     log(
         INFO,
-        "data: %d train / %d held-out examples (%d scored centrally), task %s %s",
+        "data: %d train / %d validation / %d held-out examples (%d scored centrally), task %s %s",
         len(splits.train),
+        0 if splits.validation is None else len(splits.validation),
         len(splits.test),
         len(held_out),
         splits.task.kind,
@@ -169,6 +190,11 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         out / "round-models" if cfg.save_round_models else None,
         load=lora.load if lora else None,
         export=lora.merged if lora else None,
+        validation=None
+        if validation is None
+        else make_loader(validation, tokenizer, cfg.eval_batch_size),
+        every=cfg.eval_every,
+        last_round=cfg.num_server_rounds,
     )
     strategy = build_strategy(cfg, model, lora, task.tokens_per_example(cfg.max_length))
     initial = ArrayRecord(lora.state() if lora else model.state_dict())

@@ -28,6 +28,8 @@ from .records import RoundLog  # noqa: E402
 SUMMARY = "summary.json"
 ROUNDS = "rounds.json"
 RUN_CONFIG = "run-config.json"
+VALIDATION_PREFIX = "val-"
+"""Prefix of the central metrics scored on the validation split."""
 
 
 def prepare_results_dir(path: str) -> Path:
@@ -84,18 +86,25 @@ def summarize(
     """The headline figures of a run (``summary.json``).
 
     ``final-accuracy`` and ``best-accuracy`` hold the task's primary metric
-    (named in ``primary-metric``: accuracy, or Pearson's r for regression).
+    (named in ``primary-metric``: accuracy, or Pearson's r for regression) on
+    the test split. With a validation split, ``best-round`` is chosen on it
+    (``val-best-accuracy``), and ``best-accuracy`` is the test score of that
+    round; without one, ``best-round`` is the best test round.
     """
     clients = [c for entry in history.values() for c in entry.clients]
     scored = {r: m[primary] for r, m in central.items() if primary in m}
+    val_key = VALIDATION_PREFIX + primary
+    chosen = {r: m[val_key] for r, m in central.items() if val_key in m} or scored
     final_round = max(scored) if scored else None
-    best_round = max(scored, key=lambda r: (scored[r], -r)) if scored else None
+    best_round = max(chosen, key=lambda r: (chosen[r], -r)) if chosen else None
     final = central.get(final_round, {}) if final_round is not None else {}
     mean_bytes = _mean([c.bytes_down + c.bytes_up for c in clients])
     return {
         "final-accuracy": scored.get(final_round),
         "best-accuracy": scored.get(best_round),
         "best-round": best_round,
+        "best-round-chosen-on": "validation" if chosen is not scored else "test",
+        "val-best-accuracy": chosen.get(best_round) if chosen is not scored else None,
         "primary-metric": primary,
         "final-metrics": {k: v for k, v in final.items() if k != NUM_EXAMPLES},
         "rounds": len(history),

@@ -41,6 +41,8 @@ def test_run_config_overrides_defaults_which_override_builtins():
         ({"proximal-mu": 0.1}, "only used with server-update = 'fedprox'"),
         ({"budget-profile": " , "}, "budget-profile is empty"),
         ({"min-replies": 0}, "min-replies = 0, expected >= 1"),
+        ({"validation-fraction": 1.0}, r"validation-fraction = 1.0, expected in \[0, 1\)"),
+        ({"eval-every": 0}, "eval-every = 0, expected >= 1"),
         ({"salience-norm": "l3"}, "salience-norm = 'l3' is not supported"),
     ],
 )

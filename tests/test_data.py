@@ -49,6 +49,21 @@ def test_local_files_load_and_split(tmp_path, fmt):
     assert list(again.test["text"]) == list(splits.test["text"])
 
 
+def test_validation_is_carved_from_train_never_from_test(tmp_path):
+    records = [{"label": label, "text": text} for label, text in ROWS]
+    path = write(tmp_path / "data.csv", "csv", records)
+    plain = load_splits(DatasetSpec(path, test_fraction=0.25, seed=1))
+    spec = DatasetSpec(path, test_fraction=0.25, seed=1, validation_fraction=0.2)
+    splits = load_splits(spec)
+    assert plain.validation is None
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (24, 6, 10)
+    assert list(splits.test["text"]) == list(plain.test["text"])  # the test split is untouched
+    train, val = set(splits.train["text"]), set(splits.validation["text"])
+    assert not train & val and train | val == set(plain.train["text"])
+    assert set(splits.validation["label"]) <= {0, 1}  # labels encoded like the others
+    assert list(load_splits(spec).validation["text"]) == list(splits.validation["text"])
+
+
 def test_string_labels_become_indices_in_sorted_order(tmp_path):
     records = [{"label": "pos" if label else "neg", "text": text} for label, text in ROWS]
     splits = load_splits(DatasetSpec(write(tmp_path / "d.csv", "csv", records), seed=0))

@@ -63,7 +63,7 @@ class RunConfig:
 
     Build it with :meth:`from_mapping` from ``context.run_config``; each field
     is the kebab-case key with ``_`` for ``-`` (``num_server_rounds`` is
-    ``num-server-rounds``). See ``README.md`` for what each knob does.
+    ``num-server-rounds``). See ``docs/configuration.md`` for what each knob does.
     """
 
     # federation
@@ -83,7 +83,7 @@ class RunConfig:
     max_num_examples: int = 0
     # model
     model_name: str = EMBEDDED_MINILM
-    # parameter-efficient fine-tuning (README: "LoRA and LLaMA-family models")
+    # parameter-efficient fine-tuning (docs/lora.md)
     peft: str = NO_PEFT
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -100,7 +100,9 @@ class RunConfig:
     train_split: str = "train"
     test_split: str = ""
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0
     eval_max_examples: int = 0
+    eval_every: int = 1
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     # budgets and sub-network selection
@@ -157,6 +159,7 @@ class RunConfig:
             "lora_rank",
             "rolling_step",
             "min_replies",
+            "eval_every",
         ):
             self._check_range(name, getattr(self, name) >= 1, ">= 1")
         for name in (
@@ -170,6 +173,7 @@ class RunConfig:
         for name in ("fraction_train", "fraction_evaluate"):
             self._check_range(name, 0.0 <= getattr(self, name) <= 1.0, "in [0, 1]")
         self._check_range("test_fraction", 0.0 < self.test_fraction < 1.0, "in (0, 1)")
+        self._check_range("validation_fraction", 0.0 <= self.validation_fraction < 1.0, "in [0, 1)")
         for name in ("lr", "local_epochs", "dirichlet_alpha", "round_timeout_s", "query_timeout_s"):
             self._check_range(name, getattr(self, name) > 0, "> 0")
         for name in ("proximal_mu", "weight_decay"):

@@ -68,6 +68,9 @@ class DatasetSpec:
         the train split, seeded. For a local source, ``test_split`` may be the
         path of a second file.
     test_fraction : float
+    validation_fraction : float
+        Share of the train split (after the test split is set aside) carved
+        out, seeded, as a validation split; 0 for none.
     seed : int
     modality : {"text", "image"}
         Which loader reads it (:func:`raffm_core.task.load_task` decides from the model).
@@ -85,6 +88,7 @@ class DatasetSpec:
     seed: int = 0
     image_column: str = IMAGE
     modality: str = TEXT_MODALITY
+    validation_fraction: float = 0.0
 
     @classmethod
     def from_run_config(cls, cfg: RunConfig, modality: str = TEXT_MODALITY) -> DatasetSpec:
@@ -102,6 +106,7 @@ class DatasetSpec:
             test_fraction=cfg.test_fraction,
             seed=cfg.seed,
             modality=modality,
+            validation_fraction=cfg.validation_fraction,
         )
 
 
@@ -135,11 +140,16 @@ class TaskInfo:
 
 @dataclass(frozen=True)
 class Splits:
-    """A normalized train and test split and the task they define."""
+    """A normalized train and test split, the task they define, and an optional validation split.
+
+    ``validation`` is carved out of the train split (``train`` no longer holds
+    it), so choosing settings or a round on it never looks at ``test``.
+    """
 
     train: datasets.Dataset
     test: datasets.Dataset
     task: TaskInfo
+    validation: datasets.Dataset | None = None
 
 
 def _load_split(spec: DatasetSpec, split: str) -> datasets.Dataset:
@@ -277,6 +287,15 @@ def build_splits(
             test_size=spec.test_fraction, seed=spec.seed, keep_in_memory=not train.cache_files
         )
         train, test = parts["train"], parts["test"]
+    validation = None
+    if spec.validation_fraction > 0:
+        parts = train.train_test_split(
+            test_size=spec.validation_fraction,
+            seed=spec.seed + 1,  # independent of the test carve-out
+            keep_in_memory=not train.cache_files,
+        )
+        train, validation = parts["train"], parts["test"]
+        validation = _encode_labels(validation, task, "validation split")
     train = _encode_labels(train, task, f"split {spec.train_split!r}")
     test = _encode_labels(test, task, f"split {spec.test_split or 'test'!r}")
-    return Splits(train, test, task)
+    return Splits(train, test, task, validation)
