@@ -97,13 +97,109 @@ def node_budget(cfg: RunConfig, node_config: Mapping[str, Any]) -> str:
     return tiers[int(np.random.default_rng([cfg.seed, pid]).integers(len(tiers)))]
 
 
-def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
-    """The flwr-datasets partitioner of the train split named by ``partitioner``."""
+MIN_PARTITION_SIZE = 10
+"""flwr-datasets' smallest Dirichlet partition (its default)."""
+
+
+class SmallDirichletPartitioner(Partitioner):
+    """Dirichlet label partitions of which none is empty, for many small partitions.
+
+    flwr-datasets' ``DirichletPartitioner`` redraws until every partition holds
+    ``min_partition_size`` examples and gives up after 10 draws, which it
+    always does for 100 partitions of a few thousand examples (at most a
+    handful of examples is then common). Here each label's examples are split
+    by proportions drawn from ``Dirichlet(alpha)`` (seeded), once, and then
+    single examples move from the largest partition to the smallest until
+    every partition holds at least one.
+    """
+
+    def __init__(self, num_partitions: int, partition_by: str, alpha: float, seed: int) -> None:
+        super().__init__()
+        self._num_partitions = num_partitions
+        self._partition_by = partition_by
+        self._alpha = alpha
+        self._seed = seed
+        self._indices: list[list[int]] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        if self._indices is None:
+            labels = np.asarray(self.dataset[self._partition_by])
+            self._indices = dirichlet_indices(labels, self._num_partitions, self._alpha, self._seed)
+        return self.dataset.select(self._indices[partition_id])
+
+
+def dirichlet_indices(
+    labels: np.ndarray, num_partitions: int, alpha: float, seed: int
+) -> list[list[int]]:
+    """Per partition, sorted example indices: a seeded Dirichlet split of each label, none empty."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng.shuffle(members)
+        shares = rng.dirichlet(np.full(num_partitions, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for part, chunk in zip(parts, np.split(members, cuts), strict=True):
+            part.extend(chunk.tolist())
+    while min(map(len, parts)) < 1:
+        donor = max(range(num_partitions), key=lambda k: len(parts[k]))
+        taker = min(range(num_partitions), key=lambda k: len(parts[k]))
+        parts[taker].append(parts[donor].pop(int(rng.integers(len(parts[donor])))))
+    return [sorted(part) for part in parts]
+
+
+def evaluation_share(held_out: datasets.Dataset, partition_id: int, total: int) -> datasets.Dataset:
+    """The node's contiguous share of the held-out split for federated evaluation.
+
+    The same shares as ``datasets.Dataset.shard(total, partition_id,
+    contiguous=True)`` (flwr-datasets' IID partitioner), but a share may be
+    empty when there are more nodes than held-out examples: such a node
+    cannot score (its evaluation reply is an error) and still trains.
+    """
+    positions = np.array_split(np.arange(len(held_out)), total)[partition_id]
+    return held_out.select(positions.tolist())
+
+
+def build_partitioner(cfg: RunConfig, num_partitions: int, num_examples: int) -> Partitioner:
+    """The flwr-datasets partitioner of the train split named by ``partitioner``.
+
+    Dirichlet: flwr-datasets' own partitioner (every partition at least
+    :data:`MIN_PARTITION_SIZE` examples) where the train split has at least
+    4 x 10 examples per partition, else :class:`SmallDirichletPartitioner`
+    (at least 1 each); the choice is logged.
+
+    Raises
+    ------
+    ConfigError
+        If there are fewer examples than partitions.
+    """
+    if num_examples < num_partitions:
+        raise ConfigError(
+            f"the train split has {num_examples} examples for {num_partitions} partitions "
+            "(num-supernodes); every node needs at least one: use fewer nodes or more data"
+        )
     if cfg.partitioner == "iid":
         return IidPartitioner(num_partitions=num_partitions)
-    return DirichletPartitioner(
-        num_partitions=num_partitions, partition_by=LABEL, alpha=cfg.dirichlet_alpha, seed=cfg.seed
+    if num_examples >= 4 * MIN_PARTITION_SIZE * num_partitions:
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL,
+            alpha=cfg.dirichlet_alpha,
+            seed=cfg.seed,
+        )
+    log(
+        INFO,
+        "%d examples for %d Dirichlet partitions: fewer than %d each, so partitions of "
+        "at least 1 example (SmallDirichletPartitioner)",
+        num_examples,
+        num_partitions,
+        4 * MIN_PARTITION_SIZE,
     )
+    return SmallDirichletPartitioner(num_partitions, LABEL, cfg.dirichlet_alpha, cfg.seed)
 
 
 @lru_cache(maxsize=2)
@@ -113,19 +209,17 @@ def _task(cfg: RunConfig) -> Task:
 
 
 @lru_cache(maxsize=4)
-def _partitioners(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, Partitioner]:
+def _partitioners(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, datasets.Dataset]:
     splits = _task(cfg).splits
     if cfg.partitioner == "dirichlet" and splits.task.kind == REGRESSION:
         raise ConfigError(
             "partitioner = 'dirichlet' splits by class label; a regression "
             "task has none, use partitioner = 'iid'"
         )
-    train = build_partitioner(cfg, num_partitions)
+    train = build_partitioner(cfg, num_partitions, len(splits.train))
     train.dataset = splits.train
     # Every node scores federated evaluation on an IID share of the held-out split.
-    test = IidPartitioner(num_partitions=num_partitions)
-    test.dataset = splits.test
-    return train, test
+    return train, splits.test
 
 
 @lru_cache(maxsize=16)
@@ -135,9 +229,17 @@ def load_local_data(
     """Partition ``partition_id`` of the train split and of the held-out split, tokenized."""
     task = _task(cfg)
     train, test = _partitioners(cfg, num_partitions)
+    try:
+        local = train.load_partition(partition_id)
+    except ValueError as err:  # flwr-datasets gives up on a Dirichlet draw it cannot meet
+        raise ConfigError(
+            f"cannot draw {num_partitions} Dirichlet partitions (dirichlet-alpha = "
+            f"{cfg.dirichlet_alpha}) of {len(task.splits.train)} examples: {err}; use a larger "
+            "dirichlet-alpha, fewer nodes, more data or partitioner = 'iid'"
+        ) from None
     return LocalData(
-        train=task.encode(train.load_partition(partition_id), max_length),
-        test=task.encode(test.load_partition(partition_id), max_length),
+        train=task.encode(local, max_length),
+        test=task.encode(evaluation_share(test, partition_id, num_partitions), max_length),
         task=task.info,
         tokenizer=task.preprocessor,
     )

@@ -35,7 +35,8 @@ from transformers import PreTrainedModel
 from .errors import RaffmError
 from .layout import Coupled, ModelLayout, describe
 
-NORMS = ("l1", "l2")
+L1, L2 = "l1", "l2"
+NORMS = (L1, L2)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def _unit_scores(
             continue
         w = state[c.key].detach().to(torch.float64)
         w = w.movedim(c.axis, 0).reshape(num_units, -1)
-        score += w.abs().sum(1) if norm == "l1" else w.pow(2).sum(1).sqrt()
+        score += w.abs().sum(1) if norm == L1 else w.pow(2).sum(1).sqrt()
     return score
 
 
@@ -112,7 +113,7 @@ def _take_within(tensor: torch.Tensor, c: Coupled, channel_perm: torch.Tensor) -
 
 
 def rank_units(
-    state: Mapping[str, torch.Tensor], layout: ModelLayout, norm: str = "l1"
+    state: Mapping[str, torch.Tensor], layout: ModelLayout, norm: str = L1
 ) -> Permutation:
     """Compute the prioritizing permutation of a full-model state dict.
 
@@ -131,7 +132,7 @@ def rank_units(
             per_channel = []
             for c in weights:
                 w = state[c.key].detach().to(torch.float64)
-                rows = w.abs().sum(1) if norm == "l1" else w.pow(2).sum(1).sqrt()
+                rows = w.abs().sum(1) if norm == L1 else w.pow(2).sum(1).sqrt()
                 per_channel.append(rows.reshape(layout.num_groups, d)[heads])
             score = sum(per_channel) / len(per_channel)  # Eq. 5: mean over Q and K
             query_key = torch.sort(score, dim=1, descending=True, stable=True).indices
@@ -164,7 +165,7 @@ def permute_state(
 
 
 def prioritize_state(
-    state: Mapping[str, torch.Tensor], layout: ModelLayout, norm: str = "l1"
+    state: Mapping[str, torch.Tensor], layout: ModelLayout, norm: str = L1
 ) -> tuple[dict[str, torch.Tensor], Permutation]:
     """A reordered copy of ``state`` with salient units first, and the reordering.
 
@@ -178,7 +179,7 @@ def prioritize_state(
     return fresh, permutation
 
 
-def prioritize(model: PreTrainedModel, norm: str = "l1") -> Permutation:
+def prioritize(model: PreTrainedModel, norm: str = L1) -> Permutation:
     """Reorder ``model`` in place so its most salient units come first.
 
     Parameters

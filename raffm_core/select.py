@@ -10,7 +10,8 @@ from .errors import BudgetError, BudgetTooSmallError
 from .layout import ModelLayout, describe
 from .spec import LayerSpec, SubnetSpec
 
-MODES = ("largest", "sample")
+LARGEST, SAMPLE = "largest", "sample"
+MODES = (LARGEST, SAMPLE)
 
 
 def ffn_step(layout: ModelLayout) -> int:
@@ -103,7 +104,7 @@ def _sample(
 def select_subnet(
     model: PreTrainedModel | ModelLayout,
     budget: Budget | str,
-    mode: str = "largest",
+    mode: str = LARGEST,
     seed: int | None = None,
     profile: MemoryProfile | None = None,
 ) -> SubnetSpec:
@@ -159,6 +160,6 @@ def select_subnet(
             f"{minimum:,.0f} {unit}{fraction}",
             minimum=minimum,
         )
-    if mode == "largest":
+    if mode == LARGEST:
         return _largest(layout, budget, profile, limit)
     return _sample(layout, budget, profile, limit, np.random.default_rng(seed))

@@ -24,7 +24,8 @@ from .errors import RaffmError
 from .layout import ModelLayout
 from .prioritize import Permutation, permute_state
 
-SERVER_UPDATES = ("fedavg", "fedprox", "fedadam")
+FEDAVG, FEDPROX, FEDADAM = "fedavg", "fedprox", "fedadam"
+SERVER_UPDATES = (FEDAVG, FEDPROX, FEDADAM)
 
 State = Mapping[str, torch.Tensor]
 
@@ -40,7 +41,7 @@ class ServerOptimizer:
         FedAdam's server learning rate, moment decays and adaptivity.
     """
 
-    name: str = "fedavg"
+    name: str = FEDAVG
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.99
@@ -66,7 +67,7 @@ class ServerOptimizer:
         self, global_state: State, aggregated: State, coverage: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """The next global state. Inputs are not modified."""
-        if self.name in ("fedavg", "fedprox"):
+        if self.name in (FEDAVG, FEDPROX):
             self.step_count += 1
             return dict(aggregated)
         new: dict[str, torch.Tensor] = {}

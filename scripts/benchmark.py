@@ -34,7 +34,7 @@ against ``raffm``, gap to ``centralized``), ``accuracy-per-round-*.png``
 Usage::
 
     .venv/bin/python scripts/benchmark.py                  # the full protocol
-    .venv/bin/python scripts/benchmark.py --quick          # smoke check, < 5 min
+    .venv/bin/python scripts/benchmark.py --quick          # smoke check, < 5 min, in results/
     .venv/bin/python scripts/benchmark.py --federations cross-silo-10 --rows raffm,heterofl
     .venv/bin/python scripts/benchmark.py --report-only    # tables and plots from what exists
 """
@@ -532,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.quick and "--seeds" not in " ".join(argv):
         seeds = seeds[:1]
-    out = args.out / "quick" if args.quick and args.out == DEFAULT_OUT else args.out
+    out = (
+        ROOT / "results" / "benchmark-quick" if args.quick and args.out == DEFAULT_OUT else args.out
+    )
     out.mkdir(parents=True, exist_ok=True)
     extra = parse_set(args.set)
     if not args.report_only:

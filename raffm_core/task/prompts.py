@@ -20,6 +20,7 @@ rows (it pads token-level labels with ``-100``).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,7 +119,16 @@ def encode_instructions(
             labels.append([IGNORE_INDEX] * len(prompt) + answer)
         return {"input_ids": ids, "attention_mask": masks, "labels": labels}
 
-    return ds.map(tokenize, batched=True, remove_columns=ds.column_names, keep_in_memory=True)
+    return ds.map(
+        tokenize,
+        batched=True,
+        remove_columns=ds.column_names,
+        keep_in_memory=True,
+        # no dill hash of the tokenizer (seconds per call); the result stays in memory
+        new_fingerprint=hashlib.sha256(
+            f"{ds._fingerprint}|prompts|{tokenizer.name_or_path}|{max_length}|{words}|{template}".encode()
+        ).hexdigest()[:32],
+    )
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
