@@ -25,6 +25,7 @@ from raffm_core.task.keys import (
     LOCAL_EPOCHS,
     LOCAL_STEPS,
     LR,
+    MASKED_LOSS,
     MIXED_PRECISION,
     PROXIMAL_MU,
     SEED,
@@ -63,6 +64,7 @@ class TrainSettings:
     proximal_mu: float
     seed: int
     bf16: bool = False
+    masked_loss: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], partition_id: int) -> TrainSettings:
@@ -84,6 +86,7 @@ class TrainSettings:
             proximal_mu=config_value(config, PROXIMAL_MU, float),
             seed=int(np.random.SeedSequence(seeds).generate_state(1)[0]),
             bf16=precision == "bf16",
+            masked_loss=config_value(config, MASKED_LOSS, bool) if MASKED_LOSS in config else False,
         )
         if settings.lr <= 0 or settings.batch_size < 1 or settings.proximal_mu < 0:
             raise InstructionError(f"bad training settings {settings}")
@@ -112,10 +115,14 @@ def train_submodel(
 
     ``bf16`` enables bfloat16 autocast for the forward pass. With
     ``proximal_mu > 0`` the loss gets FedProx's term
-    ``mu / 2 * ||w - w_received||^2`` over all parameters.
+    ``mu / 2 * ||w - w_received||^2`` over all parameters. With
+    ``masked_loss`` (classification only) the logits of labels that do not
+    occur in ``dataset`` are masked out of the cross-entropy (HeteroFL's label
+    split), so a client with one class does not just push the others down.
     """
     if len(dataset) == 0:
         raise InstructionError("cannot train on an empty partition")
+    absent = _absent_labels(model, dataset) if settings.masked_loss else None
     torch.manual_seed(settings.seed)  # dropout masks
     loader = make_loader(dataset, tokenizer, settings.batch_size, shuffle=True, seed=settings.seed)
     steps = settings.local_steps or max(1, math.ceil(settings.local_epochs * len(loader)))
@@ -131,7 +138,12 @@ def train_submodel(
         # bf16 autocast runs the matmuls in bfloat16 (about 1.5x faster on CPUs
         # with AVX512-BF16); weights, gradients and optimizer state stay fp32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            loss = model(**batch).loss
+            if absent is None:
+                loss = model(**batch).loss
+            else:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = model(**inputs).logits.float().masked_fill(absent, float("-inf"))
+                loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
         total_loss += float(loss.detach()) * len(batch["labels"])
         seen += len(batch["labels"])
         if anchor is not None:
@@ -142,6 +154,24 @@ def train_submodel(
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     return TrainResult(total_loss / seen, steps, seen, time.perf_counter() - start)
+
+
+def _absent_labels(model: PreTrainedModel, dataset: datasets.Dataset) -> torch.Tensor:
+    """Boolean ``(num_labels,)``: the classes no example of ``dataset`` has.
+
+    Raises
+    ------
+    InstructionError
+        If the task is not single-label classification (one integer label each).
+    """
+    feature = dataset.features["labels"]
+    if not isinstance(feature, datasets.Value) or not feature.dtype.startswith("int"):
+        raise InstructionError(
+            f"masked-loss needs one integer class label per example, the labels are {feature}"
+        )
+    absent = torch.ones(model.config.num_labels, dtype=torch.bool)
+    absent[torch.as_tensor(sorted(set(dataset["labels"])))] = False
+    return absent
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")

@@ -13,6 +13,7 @@ copy per update.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -28,11 +29,17 @@ State = Mapping[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Update:
-    """One client's contribution: the sub-network it trained, its weights, its size."""
+    """One client's contribution: the sub-network it trained, its weights, its size.
+
+    ``weight`` is its aggregation weight; ``None`` means ``num_examples``
+    (FedAvg). A strategy may set another, e.g. one that also counts how much
+    of the model the client held.
+    """
 
     spec: SubnetSpec
     state: State
     num_examples: int
+    weight: float | None = None
 
 
 def _as_update(item, position: int) -> Update:
@@ -78,6 +85,11 @@ def check_update(
     n = update.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise UpdateError(f"{name}: num-examples must be a positive integer, got {n!r}")
+    w = update.weight
+    if w is not None and (
+        isinstance(w, bool) or not isinstance(w, int | float) or not w > 0 or not math.isfinite(w)
+    ):
+        raise UpdateError(f"{name}: weight must be a positive finite number, got {w!r}")
     try:
         expected_shapes = layout.sub_shapes(update.spec)
     except SpecError as err:
@@ -171,7 +183,7 @@ def aggregate_with_coverage(
         check_update(update, layout, global_state, keys, name=f"update {i}")
 
     slices = [layout.slices(u.spec) for u in updates]
-    weights = [float(u.num_examples) for u in updates]
+    weights = [float(u.num_examples if u.weight is None else u.weight) for u in updates]
     total = sum(weights)
     new_state: dict[str, torch.Tensor] = {}
     coverage: dict[str, torch.Tensor] = {}

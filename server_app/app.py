@@ -26,6 +26,7 @@ from raffm_core.task.keys import (
     LOCAL_EPOCHS,
     LOCAL_STEPS,
     LR,
+    MASKED_LOSS,
     MAX_LENGTH,
     MIXED_PRECISION,
     SEED,
@@ -83,6 +84,7 @@ def build_strategy(
         seed=cfg.seed,
         query_timeout=cfg.query_timeout_s,
         max_num_examples=cfg.max_num_examples,
+        width_weight_power=cfg.width_weight_power,
         **strategy_options(cfg),
     )
 
@@ -210,6 +212,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             BATCH_SIZE: cfg.batch_size,
             MAX_LENGTH: cfg.max_length,
             WEIGHT_DECAY: cfg.weight_decay,
+            MASKED_LOSS: cfg.masked_loss,
             SEED: cfg.seed,
             MIXED_PRECISION: cfg.mixed_precision,
             **(lora.instruction_config() if lora else {}),

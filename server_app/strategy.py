@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from raffm_core import (
@@ -19,6 +20,7 @@ from raffm_core import (
     ServerOptimizer,
     SubnetSpec,
     TrainingProfile,
+    Update,
     aggregate_with_coverage,
     prioritize_state,
     select_subnet,
@@ -27,15 +29,13 @@ from raffm_core.task.keys import BASE_CONFIG, NUM_EXAMPLES, PROXIMAL_MU, SERVER_
 
 from .evaluation import FederatedEvaluation
 from .instructions import build_instruction
-from .nodes import query_budgets, sample_nodes, spec_seed, wait_for_nodes
-from .records import NodeBudget, Pending, RoundLog, Sent, State, log_progress
+from .loop import RunLoop
+from .nodes import sample_nodes, spec_seed
+from .records import NodeBudget, Pending, RoundLog, Sent, State
 from .replies import cap_examples, check_train_reply, match_replies
 
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
-RoundEndFn = Callable[[int, ArrayRecord, MetricRecord | None], None]
 
-
-class RaFFM(FederatedEvaluation, Strategy):
+class RaFFM(FederatedEvaluation, RunLoop, Strategy):
     r"""Resource-aware sub-model federated fine-tuning (RaFFM).
 
     Each round the strategy (1) prioritizes the global model's salient
@@ -111,6 +111,10 @@ class RaFFM(FederatedEvaluation, Strategy):
         Seeds node sampling and ``sample``-mode spec draws, never global RNGs.
     query_timeout : float
         Seconds to wait for nodes to register, and for budget replies.
+    width_weight_power : float
+        A reply's aggregation weight is ``num-examples x params_fraction **
+        width_weight_power`` (0: FedAvg's ``num-examples``), so clients that
+        held less of the model pull less on the units they share.
     max_num_examples : int
         Cap on a reply's ``num-examples`` (its aggregation weight), logged
         when applied; 0 for no cap.
@@ -135,6 +139,7 @@ class RaFFM(FederatedEvaluation, Strategy):
         seed: int = 0,
         query_timeout: float = 120.0,
         max_num_examples: int = 0,
+        width_weight_power: float = 0.0,
     ) -> None:
         self.layout = layout
         self.base_config = base_config
@@ -156,6 +161,9 @@ class RaFFM(FederatedEvaluation, Strategy):
         self.seed = seed
         self.query_timeout = query_timeout
         self.max_num_examples = max_num_examples
+        if not width_weight_power >= 0:
+            raise ValueError(f"width_weight_power must be >= 0, got {width_weight_power!r}")
+        self.width_weight_power = width_weight_power
         self.nodes: dict[int, NodeBudget] = {}
         self.skipped: dict[int, str] = {}
         self.history: dict[int, RoundLog] = {}
@@ -193,73 +201,6 @@ class RaFFM(FederatedEvaluation, Strategy):
             self.server_optimizer.name,
             self.proximal_mu,
         )
-
-    # ------------------------------------------------------------------ loop
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: EvaluateFn | None = None,
-        *,
-        on_round_end: RoundEndFn | None = None,
-    ) -> Result:
-        """Query budgets, then run Flower's loop; logs one progress line per round.
-
-        Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`,
-        plus:
-
-        on_round_end : callable, optional
-            ``on_round_end(server_round, arrays, central_metrics)`` after each
-            complete round, and after the initial evaluation as round 0 (the
-            ServerApp writes its checkpoint there).
-
-        A resumed run starts through ``server_app.checkpoint.RoundOffset``, which
-        uses :meth:`prepare` and :meth:`reporting` the same way.
-        """
-        self.prepare(grid, num_rounds)
-        return Strategy.start(
-            self,
-            grid,
-            initial_arrays,
-            num_rounds,
-            timeout,
-            train_config,
-            evaluate_config,
-            self.reporting(evaluate_fn, on_round_end),
-        )
-
-    def prepare(self, grid: Grid, num_rounds: int) -> None:
-        """Before round 1: wait for nodes, query budgets; ``num_rounds`` is the last round."""
-        self.num_rounds = num_rounds
-        wait_for_nodes(grid, self.min_available_nodes, self.query_timeout)
-        self.query_budgets(grid)
-
-    def reporting(
-        self, evaluate_fn: EvaluateFn | None, on_round_end: RoundEndFn | None
-    ) -> EvaluateFn:
-        """``evaluate_fn`` for Flower's loop: evaluate, log progress, then ``on_round_end``."""
-
-        def evaluate_and_report(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
-            log_progress(self.history.get(server_round), server_round, self.num_rounds, metrics)
-            if on_round_end is not None:
-                on_round_end(server_round, arrays, metrics)
-            return metrics
-
-        return evaluate_and_report
-
-    def query_budgets(self, grid: Grid, node_ids: Iterable[int] | None = None) -> None:
-        """Ask nodes (default: every registered one) for their budget; see :mod:`.nodes`."""
-        node_ids = grid.get_node_ids() if node_ids is None else node_ids
-        usable, skipped = query_budgets(
-            grid, node_ids, self.layout, self.profile, self.query_timeout
-        )
-        self.nodes.update(usable)
-        self.skipped.update(skipped)
 
     # ------------------------------------------------------------- training
     def configure_train(
@@ -309,12 +250,15 @@ class RaFFM(FederatedEvaluation, Strategy):
             replies,
             pending.sent,
             "reply",
-            lambda reply, sent: cap_examples(
-                check_train_reply(
-                    reply, sent.client.node_id, sent.spec, self.layout, pending.state
+            lambda reply, sent: self._weigh(
+                cap_examples(
+                    check_train_reply(
+                        reply, sent.client.node_id, sent.spec, self.layout, pending.state
+                    ),
+                    self.max_num_examples,
+                    sent.client.node_id,
                 ),
-                self.max_num_examples,
-                sent.client.node_id,
+                sent.client.params_fraction,
             ),
         )
         if len(accepted) < self.min_replies:
@@ -369,13 +313,11 @@ class RaFFM(FederatedEvaluation, Strategy):
         )
 
     # -------------------------------------------------------------- helpers
-    def _query_newcomers(self, grid: Grid) -> None:
-        new = [n for n in grid.get_node_ids() if n not in self.nodes and n not in self.skipped]
-        if new:
-            self.query_budgets(grid, new)
-
-    def _eligible(self, grid: Grid) -> list[NodeBudget]:
-        return [self.nodes[n] for n in grid.get_node_ids() if n in self.nodes]
+    def _weigh(self, update: Update, params_fraction: float) -> Update:
+        if not self.width_weight_power:
+            return update
+        weight = update.num_examples * params_fraction**self.width_weight_power
+        return dataclasses.replace(update, weight=weight)
 
     def _instruct(
         self,

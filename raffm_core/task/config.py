@@ -112,6 +112,7 @@ class RunConfig:
     budget_assignment: str = "round-robin"
     selection_mode: str = LARGEST
     salience_norm: str = L1
+    width_weight_power: float = 0.0
     # server update
     server_update: str = FEDAVG_UPDATE
     proximal_mu: float = 0.0
@@ -126,6 +127,7 @@ class RunConfig:
     batch_size: int = 16
     max_length: int = 64
     weight_decay: float = 0.01
+    masked_loss: bool = False
     mixed_precision: str = "bf16"
     eval_batch_size: int = 32
     client_threads: int = 1
@@ -178,7 +180,7 @@ class RunConfig:
         self._check_range("validation_fraction", 0.0 <= self.validation_fraction < 1.0, "in [0, 1)")
         for name in ("lr", "local_epochs", "dirichlet_alpha", "round_timeout_s", "query_timeout_s"):
             self._check_range(name, getattr(self, name) > 0, "> 0")
-        for name in ("proximal_mu", "weight_decay"):
+        for name in ("proximal_mu", "weight_decay", "width_weight_power"):
             self._check_range(name, getattr(self, name) >= 0, ">= 0")
         if self.proximal_mu > 0 and self.server_update != FEDPROX:
             raise ConfigError(

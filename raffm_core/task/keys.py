@@ -23,6 +23,7 @@ LOCAL_EPOCHS = "local-epochs"
 BATCH_SIZE = "batch-size"
 MAX_LENGTH = "max-length"
 WEIGHT_DECAY = "weight-decay"
+MASKED_LOSS = "masked-loss"  # bool, optional (absent: plain cross-entropy)
 PROXIMAL_MU = "proximal-mu"
 SEED = "seed"
 MIXED_PRECISION = "mixed-precision"  # "no" or "bf16" (autocast; weights stay fp32)

@@ -1,0 +1,98 @@
+"""The run around Flower's loop: waiting for nodes, budget queries, one progress line per round.
+
+A mixin of :class:`server_app.strategy.RaFFM`, which provides ``layout``,
+``profile``, ``query_timeout``, ``min_available_nodes``, ``nodes``,
+``skipped`` and ``history``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from .nodes import query_budgets, wait_for_nodes
+from .records import NodeBudget, log_progress
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+RoundEndFn = Callable[[int, ArrayRecord, MetricRecord | None], None]
+
+
+class RunLoop:
+    """``start`` with budget queries first; the hooks a resumed run uses too."""
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: EvaluateFn | None = None,
+        *,
+        on_round_end: RoundEndFn | None = None,
+    ) -> Result:
+        """Query budgets, then run Flower's loop; logs one progress line per round.
+
+        Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`,
+        plus:
+
+        on_round_end : callable, optional
+            ``on_round_end(server_round, arrays, central_metrics)`` after each
+            complete round, and after the initial evaluation as round 0 (the
+            ServerApp writes its checkpoint there).
+
+        A resumed run starts through ``server_app.checkpoint.RoundOffset``, which
+        uses :meth:`prepare` and :meth:`reporting` the same way.
+        """
+        self.prepare(grid, num_rounds)
+        return Strategy.start(
+            self,
+            grid,
+            initial_arrays,
+            num_rounds,
+            timeout,
+            train_config,
+            evaluate_config,
+            self.reporting(evaluate_fn, on_round_end),
+        )
+
+    def prepare(self, grid: Grid, num_rounds: int) -> None:
+        """Before round 1: wait for nodes, query budgets; ``num_rounds`` is the last round."""
+        self.num_rounds = num_rounds
+        wait_for_nodes(grid, self.min_available_nodes, self.query_timeout)
+        self.query_budgets(grid)
+
+    def reporting(
+        self, evaluate_fn: EvaluateFn | None, on_round_end: RoundEndFn | None
+    ) -> EvaluateFn:
+        """``evaluate_fn`` for Flower's loop: evaluate, log progress, then ``on_round_end``."""
+
+        def evaluate_and_report(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            log_progress(self.history.get(server_round), server_round, self.num_rounds, metrics)
+            if on_round_end is not None:
+                on_round_end(server_round, arrays, metrics)
+            return metrics
+
+        return evaluate_and_report
+
+    def query_budgets(self, grid: Grid, node_ids: Iterable[int] | None = None) -> None:
+        """Ask nodes (default: every registered one) for their budget; see :mod:`.nodes`."""
+        node_ids = grid.get_node_ids() if node_ids is None else node_ids
+        usable, skipped = query_budgets(
+            grid, node_ids, self.layout, self.profile, self.query_timeout
+        )
+        self.nodes.update(usable)
+        self.skipped.update(skipped)
+
+    def _query_newcomers(self, grid: Grid) -> None:
+        new = [n for n in grid.get_node_ids() if n not in self.nodes and n not in self.skipped]
+        if new:
+            self.query_budgets(grid, new)
+
+    def _eligible(self, grid: Grid) -> list[NodeBudget]:
+        return [self.nodes[n] for n in grid.get_node_ids() if n in self.nodes]

@@ -1,0 +1,102 @@
+"""Aggregation weights other than num-examples, and HeteroFL's masked loss, against oracles."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+import raffm_core as R
+from client_app.training import TrainSettings, train_submodel
+from server_app.strategy import RaFFM
+from tests.models import tiny_model
+from tests.test_aggregate import _numpy_reference, _update
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model("bert")
+    R.prioritize(m)
+    return m
+
+
+def test_explicit_weights_replace_num_examples_in_the_average(model):
+    layout = R.describe(model)
+    specs = [R.SubnetSpec.uniform(2, 1, 8), R.SubnetSpec.uniform(2, 2, 24), layout.full_spec()]
+    raw = [_update(model, layout, spec, seed=i, n=10) for i, spec in enumerate(specs)]
+    weights = [1.5, 4.0, 10.0]
+    updates = [R.Update(s, st, n, weight=w) for (s, st, n), w in zip(raw, weights, strict=True)]
+    got = R.aggregate(model.state_dict(), updates, layout)
+    want = _numpy_reference(
+        model.state_dict(), [(s, st, w) for (s, st, _), w in zip(raw, weights, strict=True)], layout
+    )
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key].numpy(), value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_a_bad_weight_is_rejected(model, weight):
+    layout = R.describe(model)
+    spec, state, n = _update(model, layout, layout.full_spec(), seed=0, n=3)
+    with pytest.raises(R.UpdateError, match="weight must be a positive finite number"):
+        R.aggregate(model.state_dict(), [R.Update(spec, state, n, weight=weight)], layout)
+
+
+@pytest.mark.parametrize("power, expected", [(0.0, 40), (1.0, 40 * 0.5), (2.0, 40 * 0.25)])
+def test_width_weight_power_scales_by_the_held_fraction(model, power, expected):
+    strategy = RaFFM(R.describe(model), "{}", width_weight_power=power)
+    update = R.Update(R.describe(model).full_spec(), {}, 40)
+    weighed = strategy._weigh(update, 0.5)
+    assert (weighed.weight if weighed.weight is not None else weighed.num_examples) == expected
+    with pytest.raises(ValueError, match="width_weight_power must be >= 0"):
+        RaFFM(R.describe(model), "{}", width_weight_power=-1.0)
+
+
+def _two_class_split(n: int = 8) -> datasets.Dataset:
+    """Classes 0 and 1 of the tiny model's 3; class 2 is absent."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 60, (n, 6), generator=g).tolist()
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids, "attention_mask": [[1] * 6] * n, "labels": [i % 2 for i in range(n)]}
+    )
+
+
+class _Pad:
+    """The smallest tokenizer stand-in make_loader needs: pad equal-length rows."""
+
+    padding_side = "right"
+
+    def pad(self, rows, return_tensors="pt"):
+        return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_masked_loss_leaves_absent_classes_untouched(masked, monkeypatch):
+    model = tiny_model("bert")  # 3 classes; the client holds classes 0 and 1
+    monkeypatch.setattr(
+        "raffm_core.task.encode.PreTrainedTokenizerBase", _Pad
+    )  # let the stand-in through make_loader's text path
+    before = model.classifier.weight.detach().clone()
+    settings = TrainSettings(1e-2, 2, 1.0, 4, 0.0, 0.0, seed=1, masked_loss=masked)
+    train_submodel(model, _two_class_split(), _Pad(), settings)
+    moved = (model.classifier.weight.detach() - before).abs().sum(1)
+    assert bool((moved[[0, 1]] > 0).all())
+    if masked:  # no gradient reaches the row of the absent class
+        assert float(moved[2]) == 0.0
+    else:
+        assert float(moved[2]) > 0
+
+
+def test_masked_loss_needs_class_labels():
+    model = tiny_model("bert")
+    split = _two_class_split().cast_column("labels", datasets.Value("float32"))
+    settings = dataclasses.replace(
+        TrainSettings(1e-3, 1, 1.0, 4, 0.0, 0.0, seed=1), masked_loss=True
+    )
+    from raffm_core import InstructionError
+
+    with pytest.raises(InstructionError, match="masked-loss needs one integer class label"):
+        train_submodel(model, split, _Pad(), settings)
