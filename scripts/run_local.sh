@@ -86,12 +86,17 @@ stop_daemons() {
 }
 trap stop_daemons EXIT
 
-RUN_CONFIG="results-dir=\"$RESULTS_DIR\" min-available-nodes=$NUM_SUPERNODES"
+OVERRIDES=("results-dir=\"$RESULTS_DIR\"" "min-available-nodes=$NUM_SUPERNODES")
 # the embedded polarity corpus unless an override names another dataset (a key may appear once)
-[[ " $* " == *" dataset="* ]] || RUN_CONFIG="dataset=\"$ROOT/data/polarity/polarity.csv\" $RUN_CONFIG"
-for extra in "$@"; do
-    RUN_CONFIG="$RUN_CONFIG $extra"
-done
+[[ " $* " == *" dataset="* ]] || OVERRIDES=("dataset=\"$ROOT/data/polarity/polarity.csv\"" "${OVERRIDES[@]}")
+# Check the config, model, data and budgets in seconds, before SuperLink and Ray start;
+# it also restores the TOML quotes make strips from string values (ARGS='strategy="x"').
+log "preflight: checking the run config, model, dataset and budgets"
+if ! RUN_CONFIG="$(python scripts/preflight.py --nodes "$NUM_SUPERNODES" "${OVERRIDES[@]}" "$@")"; then
+    log "ERROR: the run was not started (see the preflight line above; --verbose for details:"
+    log "  .venv/bin/python scripts/preflight.py --verbose ...)"
+    exit 2
+fi
 
 log "FLWR_HOME=$FLWR_HOME, SuperLink ports $HTTP_PORT (HTTP) and $CONTROL_PORT (control)"
 log "results: $RESULTS_DIR"

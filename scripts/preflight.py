@@ -1,0 +1,192 @@
+"""Check a run's config, data, model and budgets before a federation starts; fail in seconds.
+
+``scripts/run_local.sh`` (so ``make run``) and ``scripts/deploy/run.sh`` call
+this first. It reads ``[tool.flwr.app.config]`` from ``pyproject.toml``,
+applies the overrides (``key=value`` as ``flwr run --run-config`` takes them;
+a string value may come without its TOML quotes, as ``make run
+ARGS='strategy="fedrolex"'`` delivers it after make and the shell strip
+them), and then checks, in order, what would otherwise fail only after the
+SuperLink and Ray are up (35-65 s):
+
+* every key and value of the run config (:class:`raffm_core.task.config.RunConfig`);
+* the model source: an ``embedded:`` name, ``vit-tiny:``, a local folder, or
+  a hub name in the local HF cache; an architecture of a supported family;
+* the dataset: reachable, the columns present, at least two classes, no
+  missing labels; and at least one example per node;
+* the budget profile: every tier parses, and at least one tier can hold the
+  smallest sub-network.
+
+On success it prints the normalized ``--run-config`` string on stdout (one
+line) and exits 0. On a mistake it prints one line, ``preflight: <what is
+wrong>``, on stderr and exits 2; with ``--verbose`` the traceback follows.
+
+Usage::
+
+    .venv/bin/python scripts/preflight.py [--nodes N] ['key=value' ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tomllib
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+class PreflightError(Exception):
+    """A mistake in the run's settings, data or model, said in one line."""
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` items to a mapping; values are TOML, else taken as a bare string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        for part in _split(item):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise PreflightError(f"run-config override {part!r} is not key=value")
+            try:
+                out[key] = tomllib.loads(f"v = {value.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key] = value.strip()  # make and the shell removed the quotes of a string
+    return out
+
+
+def _split(item: str) -> list[str]:
+    """One argument may hold several space-separated overrides (``flwr run`` style)."""
+    parts, current, quote = [], "", ""
+    for char in item:
+        if char in "\"'" and (not quote or quote == char):
+            quote = "" if quote else char
+        if char == " " and not quote:
+            if current:
+                parts.append(current)
+            current = ""
+            continue
+        current += char
+    return parts + ([current] if current else [])
+
+
+def to_run_config(mapping: dict[str, Any]) -> str:
+    """The ``--run-config`` string of ``mapping`` (TOML values, space-separated)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    return " ".join(f"{k}={value(v)}" for k, v in mapping.items())
+
+
+def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
+    """Everything the module docstring lists; returns the overrides to pass on."""
+    import datasets
+
+    from raffm_core import Budget, BudgetError, RaffmError, describe
+    from raffm_core.select import select_subnet
+    from raffm_core.task import load_task
+    from raffm_core.task.config import RunConfig
+    from raffm_core.task.models import load_model_config, resolve_model_source
+
+    datasets.disable_progress_bars()
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    try:
+        cfg = RunConfig.from_mapping(overrides, defaults)
+    except RaffmError as err:
+        raise PreflightError(str(err)) from err
+
+    # the model: its source and its family, from the config alone (no weights)
+    try:
+        config = load_model_config(cfg.model_name)
+    except OSError as err:
+        source = resolve_model_source(cfg.model_name)
+        shown = "" if source == cfg.model_name else f" ({source})"
+        raise PreflightError(
+            f"model-name = {cfg.model_name!r}{shown} is neither a local folder nor in the "
+            "Hugging Face cache, and the hub is offline here; give the path of a downloaded "
+            "model folder"
+        ) from err
+    import torch
+    import transformers
+
+    from raffm_core.families import find_family
+
+    try:
+        find_family(config.model_type)
+    except RaffmError as err:
+        raise PreflightError(f"model-name = {cfg.model_name!r}: {err}") from err
+
+    # the data: splits, columns, labels, examples per node
+    try:
+        task = load_task(cfg)
+    except RaffmError as err:
+        raise PreflightError(f"dataset = {cfg.dataset!r}: {err}") from err
+    total = nodes or cfg.min_available_nodes
+    if len(task.splits.train) < total:
+        raise PreflightError(
+            f"dataset = {cfg.dataset!r}: {len(task.splits.train)} training examples for "
+            f"{total} nodes; every node needs at least one"
+        )
+
+    # the budgets: every tier parses; one at least holds the smallest sub-network
+    tiers = []
+    for tier in cfg.budget_tiers:
+        try:
+            tiers.append(Budget.parse(tier))
+        except BudgetError as err:
+            raise PreflightError(f"budget-profile = {cfg.budget_profile!r}: {err}") from err
+    config.num_labels = max(task.info.num_labels, 1)
+    auto = {"vit": transformers.AutoModelForImageClassification}.get(
+        config.model_type, transformers.AutoModelForSequenceClassification
+    )
+    if task.info.kind == "causal-lm":
+        auto = transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        layout = describe(auto.from_config(config))
+    errors = []
+    for budget in tiers:
+        try:
+            select_subnet(layout, budget, "largest")
+        except BudgetError as err:
+            errors.append(str(err))
+    if errors and len(errors) == len(tiers):
+        raise PreflightError(
+            f"budget-profile = {cfg.budget_profile!r}: no tier can train ({errors[0]})"
+        )
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="run-config key=value items")
+    parser.add_argument("--nodes", type=int, help="number of nodes (default min-available-nodes)")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback too")
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+        check(overrides, args.nodes)
+    except PreflightError as err:
+        print(f"preflight: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 2
+    print(to_run_config(overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
