@@ -77,3 +77,14 @@ def save_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_bert_task(folder: Path, rows: int = 150) -> dict[str, str]:
+    """Run-config overrides ``model-name`` and ``dataset``: a tiny BERT and a polarity CSV.
+
+    Both are saved under ``folder`` (``model/`` and ``polarity.csv``, ``rows`` rows).
+    """
+    return {
+        "model-name": str(save_tiny_bert(folder / "model")),
+        "dataset": str(write_polarity_csv(folder / "polarity.csv", rows)),
+    }

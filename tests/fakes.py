@@ -1,15 +1,31 @@
-"""One factory of fake Flower replies, good and bad, and a Grid that answers with them."""
+"""One factory of fake Flower replies, good and bad, the scenario they play, and a Grid.
+
+The scenario: three nodes (:data:`NODES`) with three budgets, so three
+different specs; a good reply from node ``n`` adds ``DELTAS[n]`` to every
+float it received and reports ``WEIGHTS[n]`` examples, so where each element
+of an aggregate comes from can be traced by hand.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
+from raffm_core import base_config, describe
 from raffm_core.task.keys import (
     ARRAYS,
     BUDGET,
@@ -22,8 +38,18 @@ from raffm_core.task.keys import (
     TRAIN_STEPS,
     TRAIN_TIME_S,
 )
+from server_app.strategy import RaFFM
 
 SUPERLINK_NODE_ID = 1
+
+NODES = {101: ("params=0.5", 0), 202: ("params=0.75", 1), 303: ("params=1.0", 2)}
+"""Node id -> (budget, partition id): three sizes, so three different specs."""
+
+WEIGHTS = {101: 10, 202: 30, 303: 60}
+"""Node id -> the ``num-examples`` its good replies report."""
+
+DELTAS = {101: 1.0, 202: 2.0, 303: 4.0}
+"""Node id -> what its good replies add to every float the node received."""
 
 REPLY_KINDS = (
     "good",
@@ -131,6 +157,57 @@ def evaluate_reply(instruction: Message, accuracy: float, num_examples: int) -> 
         RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: num_examples, "accuracy": accuracy})}),
         reply_to=instruction,
     )
+
+
+def respond_with(
+    kinds: Mapping[int, str] | None = None, budgets: Mapping[int, tuple[str, int]] | None = None
+) -> Callable[[Message], Message | None]:
+    """A :class:`FakeGrid` responder playing the scenario, with some nodes' replies broken.
+
+    Budget queries are answered from ``budgets`` (default :data:`NODES`):
+    node id -> (budget, partition id). A train instruction to node ``n`` gets
+    ``train_reply(..., kinds.get(n, "good"))`` with ``DELTAS[n]`` and
+    ``WEIGHTS[n]``; an evaluate instruction gets accuracy ``n / 1000``
+    over ``WEIGHTS[n]`` examples. Nodes outside the tables train by 1.0 and
+    report 20 examples.
+    """
+    kinds = kinds or {}
+    budgets = budgets or NODES
+
+    def respond(message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        if message.metadata.message_type == MessageType.QUERY:
+            budget, partition = budgets[node]
+            return budget_reply(message, budget, partition)
+        if message.metadata.message_type == MessageType.EVALUATE:
+            return evaluate_reply(message, accuracy=node / 1000, num_examples=WEIGHTS.get(node, 20))
+        return train_reply(
+            message,
+            kinds.get(node, "good"),
+            delta=DELTAS.get(node, 1.0),
+            num_examples=WEIGHTS.get(node, 20),
+        )
+
+    return respond
+
+
+def make_strategy(model: torch.nn.Module, cls: type[RaFFM] = RaFFM, **options: Any) -> RaFFM:
+    """A ``cls`` strategy over ``model``, set up for the scenario; ``options`` override.
+
+    By default every one of the three nodes trains, one surviving reply
+    completes a round, sampling is seeded and budget queries time out
+    after 5 s.
+    """
+    settings: dict[str, Any] = dict(
+        fraction_train=1.0,
+        min_train_nodes=1,
+        min_available_nodes=3,
+        min_replies=1,
+        seed=3,
+        query_timeout=5.0,
+    )
+    settings.update(options)
+    return cls(describe(model), base_config(model).to_json_string(), **settings)
 
 
 class FakeGrid:

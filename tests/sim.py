@@ -19,6 +19,23 @@ BACKEND = {
 }
 """Ray on this 2-core machine: one CPU per ClientApp actor."""
 
+TIMEOUTS = {"query-timeout-s": 180.0, "round-timeout-s": 120.0}
+"""Run-config overrides: generous timeouts for a simulated federation on a busy machine."""
+
+
+def every_node(num_nodes: int) -> dict[str, Any]:
+    """Run-config overrides: all ``num_nodes`` nodes train and evaluate in every round.
+
+    A round updates the model only if every node's reply is accepted.
+    """
+    return {
+        "min-available-nodes": num_nodes,
+        "fraction-train": 1.0,
+        "min-replies": num_nodes,
+        "fraction-evaluate": 1.0,
+        "min-evaluate-nodes": num_nodes,
+    }
+
 
 def simulate(
     overrides: Mapping[str, Any], num_nodes: int, server_app: ServerApp | None = None

@@ -23,11 +23,14 @@ from raffm_core.task.config import RunConfig
 from server_app import checkpoint as ckpt
 from server_app.app import run
 from server_app.records import ClientRound, RoundLog
-from tests.assets import save_tiny_bert, write_polarity_csv
-from tests.fakes import FakeGrid, task_identity
+from tests.assets import tiny_bert_task
+from tests.fakes import FakeGrid
 
+# Node ids only: the real ClientApp answers, its budget from budget-profile, partition = index.
 NODES = (101, 102, 103)
 ROUNDS = 4
+
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 class Killed(Exception):
@@ -36,15 +39,12 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("checkpoint")
-    return save_tiny_bert(tmp / "model"), write_polarity_csv(tmp / "polarity.csv", 120)
+    return tiny_bert_task(tmp_path_factory.mktemp("checkpoint"), 120)
 
 
 def run_config(assets, results, **overrides) -> RunConfig:
-    model, dataset = assets
     values = {
-        "model-name": str(model),
-        "dataset": str(dataset),
+        **assets,
         "results-dir": str(results),
         "min-available-nodes": len(NODES),
         "min-replies": len(NODES),
@@ -90,12 +90,6 @@ def client_grid(cfg: RunConfig, kill_at_round: int | None = None) -> FakeGrid:
 def final_arrays(results) -> tuple[int, dict[str, torch.Tensor]]:
     saved = ckpt.load_checkpoint(results / ckpt.CHECKPOINT_FILE)
     return saved.server_round, saved.arrays
-
-
-@pytest.fixture(autouse=True)
-def _identity():
-    with task_identity():
-        yield
 
 
 def test_killed_after_round_2_of_4_and_resumed_equals_the_uninterrupted_run(assets, tmp_path):

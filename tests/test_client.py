@@ -20,8 +20,7 @@ from raffm_core.task.keys import (
 )
 from server_app.instructions import build_instruction
 from server_app.records import NodeBudget
-from tests.assets import save_tiny_bert, write_polarity_csv
-from tests.fakes import task_identity
+from tests.assets import tiny_bert_task
 
 TRAIN_CONFIG = {
     "lr": 1e-3,
@@ -34,20 +33,24 @@ TRAIN_CONFIG = {
     "mixed-precision": "no",
 }
 
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+
+@pytest.fixture
+def task_node_id() -> int:
+    return 5  # the node every instruction and context here is addressed to
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("client")
-    model_dir = save_tiny_bert(tmp / "model")
     defaults = {
-        "model-name": str(model_dir),
-        "dataset": str(write_polarity_csv(tmp / "d.csv", 100)),
+        **tiny_bert_task(tmp_path_factory.mktemp("client"), 100),
         "partitioner": "iid",
         "budget-profile": "params=0.6,params=1.0",
     }
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(defaults["model-name"])
     return build_client_app(defaults), model
 
 
@@ -71,12 +74,6 @@ def instruction(model, budget: str, kind: str = MessageType.TRAIN, **config) -> 
     )
     sent.message.metadata.__dict__["_message_id"] = "m1"
     return sent.message
-
-
-@pytest.fixture(autouse=True)
-def _identity():
-    with task_identity(node_id=5):
-        yield
 
 
 def test_query_answers_the_profile_tier_or_the_node_budget(setup):

@@ -33,6 +33,15 @@ def _mixed_spec(layout) -> R.SubnetSpec:
     )
 
 
+def _prioritized_and_extracted(family: str):
+    """A prioritized tiny ``family`` model, its layout, :func:`_mixed_spec` and that sub-model."""
+    model = tiny_model(family)
+    R.prioritize(model)
+    layout = R.describe(model)
+    spec = _mixed_spec(layout)
+    return model, layout, spec, R.extract_submodel(model, spec)
+
+
 def _rows(width, block: int) -> np.ndarray:
     """Oracle for kept positions: written from the definition, not from layout.expand."""
     units = range(width) if isinstance(width, int) else width
@@ -41,11 +50,7 @@ def _rows(width, block: int) -> np.ndarray:
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_extracted_weights_equal_manual_slices(family):
-    model = tiny_model(family)
-    R.prioritize(model)
-    layout = R.describe(model)
-    spec = _mixed_spec(layout)
-    sub = R.extract_submodel(model, spec)
+    model, layout, spec, sub = _prioritized_and_extracted(family)
     n_q, n_kv = _heads(model)
     d, g = layout.head_dim, n_q // n_kv
     full, small = model.state_dict(), sub.state_dict()
@@ -78,11 +83,7 @@ def test_extracted_weights_equal_manual_slices(family):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_submodel_computes_the_full_model_with_removed_units_zeroed(family):
     """Oracle: dropping a head or neuron equals zeroing its output-projection columns."""
-    model = tiny_model(family)
-    R.prioritize(model)
-    layout = R.describe(model)
-    spec = _mixed_spec(layout)
-    sub = R.extract_submodel(model, spec)
+    model, layout, spec, sub = _prioritized_and_extracted(family)
     n_q, n_kv = _heads(model)
     d, g = layout.head_dim, n_q // n_kv
     masked = tiny_model(family)
@@ -132,11 +133,7 @@ def test_extraction_shares_no_storage_and_leaves_the_model_alone():
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_rebuild_from_config_spec_and_arrays(family):
     """What a client does: (base config, spec JSON, flat arrays) -> the same sub-model."""
-    model = tiny_model(family)
-    R.prioritize(model)
-    layout = R.describe(model)
-    spec = _mixed_spec(layout)
-    sub = R.extract_submodel(model, spec)
+    model, layout, spec, sub = _prioritized_and_extracted(family)
     wire_config = R.base_config(model).to_json_string()
     arrays = {
         k: v.numpy().copy()

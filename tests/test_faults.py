@@ -10,39 +10,25 @@ the faulty node sent nothing.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 
-from raffm_core import base_config, describe
 from raffm_core.task.keys import CONFIG, SERVER_ROUND
-from server_app.strategy import RaFFM
-from tests.fakes import FakeGrid, budget_reply, task_identity, train_reply
-from tests.models import tiny_model
+from tests.fakes import (
+    DELTAS,
+    NODES,
+    WEIGHTS,
+    FakeGrid,
+    budget_reply,
+    make_strategy,
+    train_reply,
+)
 
-NODES = {101: ("params=0.5", 0), 202: ("params=0.75", 1), 303: ("params=1.0", 2)}
-DELTAS = {101: 1.0, 202: 2.0, 303: 4.0}
 ROUNDS = 3
 FAULTY = 303
 
-
-@pytest.fixture(autouse=True)
-def _identity():
-    with task_identity():
-        yield
-
-
-@pytest.fixture
-def flwr_logs(caplog):
-    caplog.set_level(logging.INFO, logger="flwr")
-    return caplog
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("bert")
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 class FaultyGrid(FakeGrid):
@@ -57,7 +43,7 @@ class FaultyGrid(FakeGrid):
     def __init__(self, fault=lambda server_round: "good", num_examples=None) -> None:
         super().__init__(NODES, self._respond)
         self.fault = fault
-        self.num_examples = num_examples or {101: 10, 202: 30, 303: 60}
+        self.num_examples = num_examples or WEIGHTS
         self.held_back: list[Message] = []
         self.train_rounds: list[list[int]] = []
 
@@ -94,16 +80,8 @@ class FaultyGrid(FakeGrid):
 
 def run(model, grid: FakeGrid, rounds: int = ROUNDS, **options):
     """``RaFFM.start`` for ``rounds`` rounds; returns the strategy and the final global model."""
-    settings = dict(
-        fraction_train=1.0,
-        min_train_nodes=1,
-        min_available_nodes=2,
-        min_replies=1,
-        seed=3,
-        query_timeout=5.0,
-    )
-    settings.update(options)
-    strategy = RaFFM(describe(model), base_config(model).to_json_string(), **settings)
+    options.setdefault("min_available_nodes", 2)  # a node may vanish mid-run
+    strategy = make_strategy(model, **options)
     initial = ArrayRecord(model.state_dict())
     result = strategy.start(grid, initial, rounds, 10.0, ConfigRecord({"lr": 0.1}))
     arrays = result.arrays if len(result.arrays) else initial
@@ -148,7 +126,7 @@ def silent_in(rounds):
 )
 def test_a_bad_reply_leaves_the_model_as_if_the_node_sent_nothing(model, flwr_logs, kind):
     if kind == "negative-num-examples":
-        grid = FaultyGrid(num_examples={101: 10, 202: 30, FAULTY: -5})
+        grid = FaultyGrid(num_examples={**WEIGHTS, FAULTY: -5})
         bad_rounds = set(range(1, ROUNDS + 1))
     else:
         grid = FaultyGrid(lambda server_round: kind if server_round == 2 else "good")
@@ -195,14 +173,14 @@ def test_a_straggler_is_dropped_and_its_late_reply_never_applied(model, flwr_log
 
 
 def test_num_examples_above_the_cap_are_capped_and_logged(model, flwr_logs):
-    boastful = {101: 10, 202: 30, FAULTY: 1_000_000}
+    boastful = {**WEIGHTS, FAULTY: 1_000_000}
     _, capped = run(model, FaultyGrid(num_examples=boastful), max_num_examples=60)
     lines = [r.getMessage() for r in flwr_logs.records if "capped" in r.getMessage()]
     assert len(lines) == ROUNDS
     assert all(
         f"node {FAULTY}" in x and "1000000 capped to max-num-examples = 60" in x for x in lines
     )
-    _, honest = run(model, FaultyGrid(num_examples={101: 10, 202: 30, FAULTY: 60}))
+    _, honest = run(model, FaultyGrid(num_examples={**WEIGHTS, FAULTY: 60}))
     assert_identical(capped, honest)
     _, uncapped = run(model, FaultyGrid(num_examples=boastful))
     assert differs(capped, uncapped)

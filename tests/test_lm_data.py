@@ -39,6 +39,27 @@ def word_tokenizer(padding_side: str = "right") -> T.PreTrainedTokenizerFast:
     )
 
 
+def tiny_causal_llama(tok: T.PreTrainedTokenizerFast) -> T.LlamaForCausalLM:
+    """A tiny LLaMA causal LM over ``tok``'s words (GQA: 6 query heads on 3 key/value heads).
+
+    Seeded: ``torch.manual_seed(0)`` just before it is built.
+    """
+    torch.manual_seed(0)
+    config = T.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    return T.LlamaForCausalLM(config)
+
+
 def labelled(n: int, seed: int = 0) -> datasets.Dataset:
     """Sentences of one sentiment word among fillers; label 1 for positive words."""
     rng = np.random.default_rng(seed)
@@ -132,20 +153,7 @@ def test_evaluate_lm_matches_a_hand_computed_loss_and_exact_match():
 
 def test_raffm_lora_sub_model_of_a_causal_lm_learns_to_answer_with_a_frozen_base(tmp_path):
     tok = word_tokenizer()
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=3,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    model = T.LlamaForCausalLM(config)
+    model = tiny_causal_llama(tok)
     with torch.no_grad():  # non-trivial salience ranking
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -222,20 +230,7 @@ def test_a_federated_causal_lm_lora_round_trains_adapters_only(tmp_path):
     from tests.sim import simulate
 
     tok = word_tokenizer()
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=3,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    T.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
+    tiny_causal_llama(tok).save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     overrides = {
         "model-name": str(tmp_path / "lm"),

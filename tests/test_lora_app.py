@@ -31,9 +31,9 @@ from raffm_core.task.config import ConfigError, RunConfig
 from raffm_core.task.keys import ARRAYS, CONFIG, SPEC
 from server_app.lora import LoraGlobalModel, RaFFMLoRA
 from tests.assets import FILLER, NEGATIVE, POSITIVE, write_polarity_csv
-from tests.fakes import FakeGrid, budget_reply, task_identity, train_reply
+from tests.fakes import FakeGrid, budget_reply, train_reply
 from tests.models import tiny_model
-from tests.sim import simulate
+from tests.sim import TIMEOUTS, every_node, simulate
 
 TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 
@@ -156,6 +156,7 @@ def _oracle_positions(key: str, spec: R.SubnetSpec, shape, group_rows: int, kv_r
     return index
 
 
+@pytest.mark.usefixtures("flower_task")
 def test_strategy_aggregates_lora_slices_as_a_numpy_weighted_mean():
     torch.manual_seed(0)
     model = tiny_model("llama")  # 6 query heads on 2 key/value heads, head_dim 8
@@ -170,18 +171,15 @@ def test_strategy_aggregates_lora_slices_as_a_numpy_weighted_mean():
     budgets = {11: "params=0.45", 12: "params=0.7", 13: "params=1.0"}
     examples = {11: 5, 12: 9, 13: 2}
     deltas = {11: 0.3, 12: -0.7, 13: 0.05}
-    with task_identity():
-        query = FakeGrid(budgets, lambda m: budget_reply(m, budgets[m.metadata.dst_node_id]))
-        strategy.query_budgets(query)
-        instructions = list(
-            strategy.configure_train(1, ArrayRecord(start), ConfigRecord({}), query)
-        )
-        replies = []
-        for message in instructions:
-            message.metadata.__dict__["_message_id"] = f"m{message.metadata.dst_node_id}"
-            node = message.metadata.dst_node_id
-            replies.append(train_reply(message, delta=deltas[node], num_examples=examples[node]))
-        arrays, _ = strategy.aggregate_train(1, replies)
+    query = FakeGrid(budgets, lambda m: budget_reply(m, budgets[m.metadata.dst_node_id]))
+    strategy.query_budgets(query)
+    instructions = list(strategy.configure_train(1, ArrayRecord(start), ConfigRecord({}), query))
+    replies = []
+    for message in instructions:
+        message.metadata.__dict__["_message_id"] = f"m{message.metadata.dst_node_id}"
+        node = message.metadata.dst_node_id
+        replies.append(train_reply(message, delta=deltas[node], num_examples=examples[node]))
+    arrays, _ = strategy.aggregate_train(1, replies)
     new = arrays.to_torch_state_dict()
     assert set(new) == set(start)
     specs = {
@@ -235,12 +233,10 @@ def lora_run(tmp_path_factory):
     overrides = {
         "model-name": str(model_dir),
         "dataset": str(write_polarity_csv(tmp / "polarity.csv", 150)),
+        **every_node(NUM_NODES),
+        **TIMEOUTS,
         "results-dir": str(tmp / "results"),
-        "min-available-nodes": NUM_NODES,
         "num-server-rounds": 1,
-        "min-replies": NUM_NODES,
-        "fraction-evaluate": 1.0,
-        "min-evaluate-nodes": NUM_NODES,
         "budget-profile": "params=0.5,params=0.75,params=1.0",
         "partitioner": "iid",
         "max-length": 16,
@@ -251,8 +247,6 @@ def lora_run(tmp_path_factory):
         "lora-rank": 4,
         "lora-dropout": 0.0,
         "lora-target-modules": "q_proj,v_proj,o_proj,down_proj",
-        "query-timeout-s": 180.0,
-        "round-timeout-s": 120.0,
     }
     simulate(overrides, NUM_NODES)
     return model_dir, tmp / "results"

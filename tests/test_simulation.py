@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from raffm_core import SubnetSpec, describe, permute_state, rank_units
-from tests.assets import save_tiny_bert, write_polarity_csv
-from tests.sim import read_json, simulate
+from tests.assets import tiny_bert_task
+from tests.sim import TIMEOUTS, every_node, read_json, simulate
 
 NUM_NODES = 3
 ROUNDS = 2
@@ -25,15 +25,11 @@ ROUNDS = 2
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("simulation")
     overrides = {
-        "model-name": str(save_tiny_bert(tmp / "model")),
-        "dataset": str(write_polarity_csv(tmp / "polarity.csv", 150)),
+        **tiny_bert_task(tmp, 150),
+        **every_node(NUM_NODES),
+        **TIMEOUTS,
         "results-dir": str(tmp / "results"),
-        "min-available-nodes": NUM_NODES,
         "num-server-rounds": ROUNDS,
-        "fraction-train": 1.0,
-        "min-replies": NUM_NODES,
-        "fraction-evaluate": 1.0,
-        "min-evaluate-nodes": NUM_NODES,
         "budget-profile": "params=0.5,params=0.65,params=0.8",
         "partitioner": "iid",
         "max-length": 16,
@@ -41,8 +37,6 @@ def run_dir(tmp_path_factory):
         "batch-size": 8,
         "lr": 1e-3,
         "save-round-models": True,
-        "query-timeout-s": 180.0,
-        "round-timeout-s": 120.0,
     }
     simulate(overrides, NUM_NODES)
     return tmp / "results"

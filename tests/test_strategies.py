@@ -15,10 +15,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from raffm_core import SubnetSpec, base_config, describe, rank_units
+from raffm_core import SubnetSpec, describe, rank_units
 from raffm_core.task.config import STRATEGIES, ConfigError, RunConfig
 from raffm_core.task.keys import SPEC
 from server_app.app import build_strategy, run
@@ -31,42 +31,15 @@ from server_app.baselines import (
 )
 from server_app.outputs import summarize
 from server_app.strategy import RaFFM
-from tests.assets import save_tiny_bert, write_polarity_csv
-from tests.fakes import FakeGrid, budget_reply, task_identity, train_reply
-from tests.models import tiny_model
-from tests.sim import simulate
+from tests.assets import tiny_bert_task
+from tests.fakes import NODES, WEIGHTS, FakeGrid, make_strategy, respond_with
+from tests.sim import TIMEOUTS, simulate
 
-NODES = {101: ("params=0.5", 0), 202: ("params=0.75", 1), 303: ("params=1.0", 2)}
-WEIGHTS = {101: 10, 202: 30, 303: 60}
-DELTAS = {101: 1.0, 202: 2.0, 303: 4.0}
-
-
-@pytest.fixture(autouse=True)
-def _identity():
-    with task_identity():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("bert")
-
-
-def make(cls: type[RaFFM], model, **kwargs) -> RaFFM:
-    options = dict(fraction_train=1.0, min_train_nodes=1, min_available_nodes=3, seed=3)
-    options.update(kwargs)
-    return cls(describe(model), base_config(model).to_json_string(), query_timeout=5.0, **options)
-
-
-def respond(message):
-    node = message.metadata.dst_node_id
-    if message.metadata.message_type == MessageType.QUERY:
-        return budget_reply(message, *NODES[node])
-    return train_reply(message, delta=DELTAS[node], num_examples=WEIGHTS[node])
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def configure(strategy: RaFFM, model, server_round: int = 1):
-    grid = FakeGrid(NODES, respond)
+    grid = FakeGrid(NODES, respond_with())
     if not strategy.nodes:
         strategy.query_budgets(grid)
     arrays = ArrayRecord(model.state_dict())
@@ -89,7 +62,7 @@ def test_tiny_model_is_not_already_in_salience_order(model):
 
 def test_fedavg_excludes_and_reports_nodes_the_full_model_does_not_fit(model, caplog):
     caplog.set_level(logging.WARNING, logger="flwr")
-    strategy = make(FullModelFedAvg, model)
+    strategy = make_strategy(model, FullModelFedAvg)
     grid, messages = configure(strategy, model)
     assert set(messages) == {303}
     assert sent(messages[303]).keys() == model.state_dict().keys()
@@ -106,7 +79,7 @@ def test_fedavg_excludes_and_reports_nodes_the_full_model_does_not_fit(model, ca
 
 
 def test_fedavg_train_all_is_plain_weighted_fedavg_of_full_models(model):
-    strategy = make(FullModelFedAvg, model, train_all=True)
+    strategy = make_strategy(model, FullModelFedAvg, train_all=True)
     grid, messages = configure(strategy, model)
     assert set(messages) == set(NODES) and not strategy.history[1].excluded
     full = describe(model).full_spec()
@@ -126,7 +99,7 @@ def test_fedavg_train_all_is_plain_weighted_fedavg_of_full_models(model):
 
 
 def test_heterofl_sends_leading_slices_of_the_unprioritized_model(model):
-    strategy = make(HeteroFL, model)
+    strategy = make_strategy(model, HeteroFL)
     _, messages = configure(strategy, model)
     specs = specs_of(messages)
     assert set(messages) == set(NODES)
@@ -143,8 +116,8 @@ def test_heterofl_sends_leading_slices_of_the_unprioritized_model(model):
 
 
 def test_heterofl_and_raffm_choose_the_same_sizes(model):
-    _, hetero = configure(make(HeteroFL, model), model)
-    _, raffm = configure(make(RaFFM, model), model)
+    _, hetero = configure(make_strategy(model, HeteroFL), model)
+    _, raffm = configure(make_strategy(model, RaFFM), model)
     assert specs_of(hetero) == specs_of(raffm)
 
 
@@ -157,7 +130,7 @@ def test_fedrolex_windows_advance_each_round_and_wrap(model, step):
     layout = describe(model)
     groups, ffn = layout.num_groups, layout.ffn_size
     ffn_step = step * ffn // groups
-    strategy = make(FedRolex, model, rolling_step=step)
+    strategy = make_strategy(model, FedRolex, rolling_step=step)
     key = "bert.encoder.layer.0.intermediate.dense.weight"  # (ffn, hidden): rows are neurons
     windows, wrapped = {}, False
     lap = groups // step
@@ -235,8 +208,8 @@ def sim_dir(tmp_path_factory):
     """Every baseline through ``server_app.app.run``, in turn, in one simulation."""
     tmp = tmp_path_factory.mktemp("baselines")
     common = {
-        "model-name": str(save_tiny_bert(tmp / "model")),
-        "dataset": str(write_polarity_csv(tmp / "polarity.csv", 150)),
+        **tiny_bert_task(tmp, 150),
+        **TIMEOUTS,
         "min-available-nodes": SIM_NODES,
         "num-server-rounds": SIM_ROUNDS,
         "min-replies": 1,
@@ -247,8 +220,6 @@ def sim_dir(tmp_path_factory):
         "batch-size": 8,
         "lr": 1e-3,
         "save-models": False,
-        "query-timeout-s": 180.0,
-        "round-timeout-s": 120.0,
     }
     server = ServerApp()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -12,72 +10,18 @@ from raffm_core import ServerOptimizer, SubnetSpec, base_config, describe
 from raffm_core.task.keys import ARRAYS, BASE_CONFIG, CONFIG, PROXIMAL_MU, SERVER_ROUND, SPEC
 from server_app.strategy import RaFFM
 from tests.fakes import (
+    DELTAS,
+    NODES,
     REPLY_KINDS,
+    WEIGHTS,
     FakeGrid,
-    budget_reply,
-    evaluate_reply,
-    task_identity,
+    make_strategy,
+    respond_with,
     train_reply,
 )
 from tests.models import tiny_model
 
-# node id -> (budget, partition id); three sizes, so three different specs.
-NODES = {101: ("params=0.5", 0), 202: ("params=0.75", 1), 303: ("params=1.0", 2)}
-WEIGHTS = {101: 10, 202: 30, 303: 60}
-DELTAS = {101: 1.0, 202: 2.0, 303: 4.0}
-
-
-@pytest.fixture(autouse=True)
-def _identity():
-    with task_identity():
-        yield
-
-
-@pytest.fixture
-def flwr_logs(caplog):
-    """Records of Flower's logger (which the apps and the strategy log to)."""
-    caplog.set_level(logging.INFO, logger="flwr")
-    return caplog
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model("bert")
-
-
-def make_strategy(model, **kwargs) -> RaFFM:
-    options = dict(
-        fraction_train=1.0,
-        min_train_nodes=1,
-        min_available_nodes=3,
-        min_replies=1,
-        seed=3,
-        query_timeout=5.0,
-    )
-    options.update(kwargs)
-    return RaFFM(describe(model), base_config(model).to_json_string(), **options)
-
-
-def respond_with(kinds: dict[int, str] | None = None, budgets: dict | None = None):
-    """A FakeGrid responder: budgets for queries, train replies of the given kinds."""
-    kinds = kinds or {}
-    budgets = budgets or NODES
-
-    def respond(message: Message) -> Message | None:
-        node = message.metadata.dst_node_id
-        if message.metadata.message_type == MessageType.QUERY:
-            budget, partition = budgets[node]
-            return budget_reply(message, budget, partition)
-        if message.metadata.message_type == MessageType.EVALUATE:
-            return evaluate_reply(message, accuracy=node / 1000, num_examples=WEIGHTS.get(node, 20))
-        return train_reply(
-            message,
-            kinds.get(node, "good"),
-            delta=DELTAS.get(node, 1.0),
-            num_examples=WEIGHTS.get(node, 20),
-        )
-
-    return respond
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def run_round(strategy: RaFFM, grid: FakeGrid, arrays: ArrayRecord, server_round: int = 1):

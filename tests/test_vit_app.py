@@ -30,7 +30,7 @@ from raffm_core.task.models import (
     tiny_vit_config,
 )
 from raffm_core.task.pixels import PixelProcessor
-from tests.sim import read_json, simulate
+from tests.sim import TIMEOUTS, every_node, read_json, simulate
 
 TINY = (
     "vit-tiny:image_size=8,patch_size=2,hidden_size=32,num_hidden_layers=2,intermediate_size=64,"
@@ -226,23 +226,18 @@ def test_saved_vit_loads_by_path_with_its_processor(tmp_path):
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vit-simulation")
     overrides = {
+        **every_node(NUM_NODES),
+        **TIMEOUTS,
         "model-name": TINY,
         "dataset": "sklearn:digits",
         "results-dir": str(tmp / "results"),
-        "min-available-nodes": NUM_NODES,
         "num-server-rounds": ROUNDS,
-        "fraction-train": 1.0,
-        "min-replies": NUM_NODES,
-        "fraction-evaluate": 1.0,
-        "min-evaluate-nodes": NUM_NODES,
         "budget-profile": "params=0.5,params=0.65,params=0.8",
         "partitioner": "iid",
         "local-steps": 30,
         "batch-size": 32,
         "lr": 3e-3,
         "save-round-models": True,
-        "query-timeout-s": 180.0,
-        "round-timeout-s": 120.0,
     }
     simulate(overrides, NUM_NODES)
     return tmp / "results"
