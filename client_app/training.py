@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from raffm_core import InstructionError
+from raffm_core import InstructionError, width_scaler
 from raffm_core.task.config import PRECISIONS
 from raffm_core.task.encode import cycle, make_loader
 from raffm_core.task.keys import (
@@ -31,6 +32,7 @@ from raffm_core.task.keys import (
     SEED,
     SERVER_ROUND,
     WEIGHT_DECAY,
+    WIDTH_SCALER,
 )
 
 
@@ -65,6 +67,7 @@ class TrainSettings:
     seed: int
     bf16: bool = False
     masked_loss: bool = False
+    width_scaler: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], partition_id: int) -> TrainSettings:
@@ -87,6 +90,9 @@ class TrainSettings:
             seed=int(np.random.SeedSequence(seeds).generate_state(1)[0]),
             bf16=precision == "bf16",
             masked_loss=config_value(config, MASKED_LOSS, bool) if MASKED_LOSS in config else False,
+            width_scaler=(
+                config_value(config, WIDTH_SCALER, bool) if WIDTH_SCALER in config else False
+            ),
         )
         if settings.lr <= 0 or settings.batch_size < 1 or settings.proximal_mu < 0:
             raise InstructionError(f"bad training settings {settings}")
@@ -119,6 +125,8 @@ def train_submodel(
     ``masked_loss`` (classification only) the logits of labels that do not
     occur in ``dataset`` are masked out of the cross-entropy (HeteroFL's label
     split), so a client with one class does not just push the others down.
+    With ``width_scaler`` a sub-model trains under
+    :func:`raffm_core.width_scaler` (HeteroFL's scaler).
     """
     if len(dataset) == 0:
         raise InstructionError("cannot train on an empty partition")
@@ -133,25 +141,27 @@ def train_submodel(
     batches = cycle(loader)
     total_loss, seen = 0.0, 0
     start = time.perf_counter()
-    for _ in range(steps):
-        batch = next(batches)
-        # bf16 autocast runs the matmuls in bfloat16 (about 1.5x faster on CPUs
-        # with AVX512-BF16); weights, gradients and optimizer state stay fp32.
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            if absent is None:
-                loss = model(**batch).loss
-            else:
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                logits = model(**inputs).logits.float().masked_fill(absent, float("-inf"))
-                loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
-        total_loss += float(loss.detach()) * len(batch["labels"])
-        seen += len(batch["labels"])
-        if anchor is not None:
-            drift = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
-            loss = loss + settings.proximal_mu / 2 * drift
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    # HeteroFL's scaler, if asked: hooks on this sub-model, removed on exit.
+    with width_scaler(model) if settings.width_scaler else contextlib.nullcontext():
+        for _ in range(steps):
+            batch = next(batches)
+            # bf16 autocast runs the matmuls in bfloat16 (about 1.5x faster on CPUs
+            # with AVX512-BF16); weights, gradients and optimizer state stay fp32.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                if absent is None:
+                    loss = model(**batch).loss
+                else:
+                    inputs = {k: v for k, v in batch.items() if k != "labels"}
+                    logits = model(**inputs).logits.float().masked_fill(absent, float("-inf"))
+                    loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+            total_loss += float(loss.detach()) * len(batch["labels"])
+            seen += len(batch["labels"])
+            if anchor is not None:
+                drift = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
+                loss = loss + settings.proximal_mu / 2 * drift
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     model.eval()
     return TrainResult(total_loss / seen, steps, seen, time.perf_counter() - start)
 

@@ -50,6 +50,7 @@ from .extract import (
     load_submodel,
     save_submodel,
     spec_of,
+    width_scaler,
 )
 from .families import FAMILIES, SUPPORTED_MODEL_TYPES, Family
 from .layout import ModelLayout, describe
@@ -94,6 +95,7 @@ __all__ = [
     "export_submodel",
     "extract_state_dict",
     "extract_submodel",
+    "width_scaler",
     "load_submodel",
     "permute_state",
     "prioritize",

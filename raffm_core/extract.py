@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .errors import SpecError, UnsupportedModelError
 from .layout import ModelLayout, describe
-from .spec import SubnetSpec, state_mismatch
+from .spec import SubnetSpec, state_mismatch, width_count
 
 SPEC_ATTR = "raffm_subnet"
 WEIGHTS_NAME = "model.safetensors"
@@ -242,3 +243,48 @@ def load_submodel(path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
     for key, source in layout.tied.items():
         state.setdefault(key, state[source])
     return build_submodel(config, spec, state, **kwargs)
+
+
+@contextmanager
+def width_scaler(model: PreTrainedModel) -> Iterator[None]:
+    """Rescale a sub-model's narrowed sums to the full width while the block runs.
+
+    HeteroFL's scaler (Diao et al., ICLR 2021): a layer that keeps ``g`` of
+    ``G`` head groups multiplies the input of its attention output projection
+    by ``G / g``, and one that keeps ``f`` of ``F`` FFN neurons multiplies the
+    input of its FFN output projection by ``F / f``, so the narrowed sums keep
+    the full model's scale. Biases are not scaled. Used during local training
+    only; the fused global model runs unscaled. A full model is left as it is.
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A sub-model from :func:`build_submodel` (its config names its spec),
+        optionally wrapped by PEFT (the hooks go on the wrapped projections).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    spec = spec_of(base)
+    handles = []
+    if spec is not None:
+        layout = describe(base)
+        for layer, kept in zip(layout.layers, spec.layers, strict=True):
+            for role, size, width in (
+                ("attn_out", layout.num_groups, kept.heads),
+                ("ffn_out", layout.ffn_size, kept.ffn),
+            ):
+                factor = size / width_count(width)
+                if factor != 1.0:
+                    module = base.get_submodule(layer.modules[role])
+                    handles.append(module.register_forward_pre_hook(_scale_input(factor)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _scale_input(factor: float):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * factor, *args[1:])
+
+    return hook

@@ -123,6 +123,16 @@ ROWS: dict[str, dict[str, Any] | None] = {
 }
 """Each row and the run-config keys that make it differ; ``None``: pooled training."""
 
+VARIANTS: dict[str, dict[str, Any]] = {
+    "raffm-tail": {"strategy": "raffm", "rolling-tail": 0.5},
+    "raffm-scaler": {"strategy": "raffm", "width-scaler": True},
+    "heterofl-scaler": {"strategy": "heterofl", "width-scaler": True},
+    "fedrolex-scaler": {"strategy": "fedrolex", "width-scaler": True},
+}
+"""Candidate and ablation rows (diagnosis, choosing ``raffm``'s defaults); run with ``--rows``."""
+
+ALL_ROWS: dict[str, dict[str, Any] | None] = {**ROWS, **VARIANTS}
+
 QUICK: dict[str, Any] = {"local-steps": 1, "eval-max-examples": 64, "eval-every": 1}
 QUICK_ROUNDS = 2
 
@@ -136,7 +146,7 @@ def run_overrides(federation: str, row: str, seed: int, quick: bool, extra: dict
     overrides = {
         **COMMON,
         **fed.overrides,
-        **(ROWS[row] or {}),
+        **(ALL_ROWS[row] or {}),
         "seed": seed,
         "num-server-rounds": QUICK_ROUNDS if quick else fed.rounds,
     }
@@ -286,7 +296,7 @@ def run_one(spec_json: str) -> None:
     )
     overrides["results-dir"] = spec["results-dir"]
     federation = FEDERATIONS[spec["federation"]]
-    if ROWS[spec["row"]] is None:
+    if ALL_ROWS[spec["row"]] is None:
         train_centralized(overrides, federation)
     else:
         simulate(overrides, federation.nodes)
@@ -525,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     federations = [f for f in args.federations.split(",") if f]
     rows = [r for r in args.rows.split(",") if r]
-    for name, known in ((federations, FEDERATIONS), (rows, ROWS)):
+    for name, known in ((federations, FEDERATIONS), (rows, ALL_ROWS)):
         unknown = [n for n in name if n not in known]
         if unknown:
             raise SystemExit(f"unknown {unknown}; expected some of {list(known)}")

@@ -31,6 +31,7 @@ from raffm_core.task.keys import (
     MIXED_PRECISION,
     SEED,
     WEIGHT_DECAY,
+    WIDTH_SCALER,
 )
 from raffm_core.task.metrics import evaluate_model
 from raffm_core.task.models import Preprocessor
@@ -213,6 +214,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
             MAX_LENGTH: cfg.max_length,
             WEIGHT_DECAY: cfg.weight_decay,
             MASKED_LOSS: cfg.masked_loss,
+            WIDTH_SCALER: cfg.width_scaler,
             SEED: cfg.seed,
             MIXED_PRECISION: cfg.mixed_precision,
             **(lora.instruction_config() if lora else {}),

@@ -177,4 +177,6 @@ def strategy_options(cfg: RunConfig) -> dict[str, Any]:
         return {"train_all": cfg.fedavg_train_all}
     if cfg.strategy == "fedrolex":
         return {"rolling_step": cfg.rolling_step}
+    if cfg.strategy == "raffm":
+        return {"rolling_tail": cfg.rolling_tail}
     return {}

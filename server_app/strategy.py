@@ -25,6 +25,7 @@ from raffm_core import (
     prioritize_state,
     select_subnet,
 )
+from raffm_core.rolling import rolling_tail_spec
 from raffm_core.task.keys import BASE_CONFIG, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND
 
 from .evaluation import FederatedEvaluation
@@ -115,6 +116,11 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         A reply's aggregation weight is ``num-examples x params_fraction **
         width_weight_power`` (0: FedAvg's ``num-examples``), so clients that
         held less of the model pull less on the units they share.
+    rolling_tail : float
+        Share of each sub-model's width, in ``[0, 1)``, that is a window
+        rolling over the less salient units
+        (:func:`raffm_core.rolling.rolling_tail_spec`); the rest are the most
+        salient. 0 (the paper): nested salient prefixes.
     max_num_examples : int
         Cap on a reply's ``num-examples`` (its aggregation weight), logged
         when applied; 0 for no cap.
@@ -140,6 +146,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         query_timeout: float = 120.0,
         max_num_examples: int = 0,
         width_weight_power: float = 0.0,
+        rolling_tail: float = 0.0,
     ) -> None:
         self.layout = layout
         self.base_config = base_config
@@ -164,6 +171,9 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         if not width_weight_power >= 0:
             raise ValueError(f"width_weight_power must be >= 0, got {width_weight_power!r}")
         self.width_weight_power = width_weight_power
+        if not 0.0 <= rolling_tail < 1.0:
+            raise ValueError(f"rolling_tail must be in [0, 1), got {rolling_tail!r}")
+        self.rolling_tail = rolling_tail
         self.nodes: dict[int, NodeBudget] = {}
         self.skipped: dict[int, str] = {}
         self.history: dict[int, RoundLog] = {}
@@ -304,13 +314,16 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         BudgetError
             If the node cannot take part; it is left out of the round and reported.
         """
-        return select_subnet(
+        widths = select_subnet(
             self.layout,
             node.budget,
             self.selection_mode,
             seed=spec_seed(self.seed, server_round, node, stage),
             profile=self.profile,
         )
+        if not self.rolling_tail:
+            return widths
+        return rolling_tail_spec(self.layout, widths, server_round, self.rolling_tail)
 
     # -------------------------------------------------------------- helpers
     def _weigh(self, update: Update, params_fraction: float) -> Update:

@@ -222,3 +222,38 @@ def test_extracting_from_a_submodel_is_an_error():
 def test_spec_that_does_not_fit_is_an_error(spec, message):
     with pytest.raises(R.SpecError, match=message):
         R.extract_submodel(tiny_model("bert"), spec)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_width_scaler_equals_output_columns_scaled_by_kept_fraction(family):
+    """Oracle: the scaler is the sub-model with its output-projection weights times G/g, F/f."""
+    model, layout, spec, sub = _prioritized_and_extracted(family)
+    scaled = R.extract_submodel(model, spec)
+    with torch.no_grad():
+        for layer, kept in zip(layout.layers, spec.layers, strict=True):
+            for role, size, width in (
+                ("attn_out", layout.num_groups, kept.heads),
+                ("ffn_out", layout.ffn_size, kept.ffn),
+            ):
+                count = width if isinstance(width, int) else len(width)
+                scaled.get_submodule(layer.modules[role]).weight.mul_(size / count)
+    inputs = tiny_inputs(family)
+    with torch.no_grad():
+        plain = sub(**inputs).logits
+        with R.width_scaler(sub):
+            got = sub(**inputs).logits
+        after = sub(**inputs).logits
+        expected = scaled(**inputs).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, plain)
+    torch.testing.assert_close(after, plain, rtol=0, atol=0)  # hooks removed on exit
+
+
+def test_width_scaler_leaves_a_full_model_alone():
+    model = tiny_model("bert")
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with R.width_scaler(model):
+            got = model(**inputs).logits
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)

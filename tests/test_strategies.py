@@ -153,6 +153,30 @@ def test_fedrolex_windows_advance_each_round_and_wrap(model, step):
     assert all(windows[r] == windows[r + lap] for r in range(1, lap + 1))  # then it repeats
 
 
+def test_raffm_rolling_tail_sends_the_salient_core_and_a_rolling_window_of_the_rest(model):
+    """Oracle: the prioritized model's rows at positions 0..c-1 plus the window's positions."""
+    layout = describe(model)
+    ffn = layout.ffn_size
+    key = "bert.encoder.layer.0.intermediate.dense.weight"
+    nested = make_strategy(model, RaFFM)
+    strategy = make_strategy(model, RaFFM, rolling_tail=0.5)
+    cover = set()
+    for server_round in (1, 2, 3):
+        _, plain = configure(nested, model, server_round)
+        _, messages = configure(strategy, model, server_round)
+        width = kept(specs_of(plain)[101].layers[0].ffn)
+        neurons = kept(specs_of(messages)[101].layers[0].ffn)
+        core = max(1, round(0.5 * len(width)))
+        start = server_round * (ffn // layout.num_groups)
+        window = sorted(core + (start + i) % (ffn - core) for i in range(len(width) - core))
+        assert neurons == list(range(core)) + window
+        # sent rows = the same positions of the prioritized model RaFFM cut the prefix from
+        prioritized = sent(plain[303])[key]  # the full budget gets the whole prioritized model
+        assert torch.equal(sent(messages[101])[key], prioritized[neurons])
+        cover |= set(neurons)
+    assert len(cover) > len(width)  # the tail reached units no nested prefix of this node holds
+
+
 def test_unknown_strategy_lists_the_valid_ones():
     with pytest.raises(ConfigError) as err:
         RunConfig(strategy="fedsgd")

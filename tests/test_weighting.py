@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import datasets
@@ -100,3 +101,23 @@ def test_masked_loss_needs_class_labels():
 
     with pytest.raises(InstructionError, match="masked-loss needs one integer class label"):
         train_submodel(model, split, _Pad(), settings)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaler"])
+def test_width_scaler_setting_trains_the_sub_model_under_the_scaler(scaled, monkeypatch):
+    """Oracle: the first step's loss is the forward loss with (or without) the scaler."""
+
+    full = tiny_model("bert")  # no dropout: the training forward equals an eval forward
+    sub = R.extract_submodel(full, R.SubnetSpec.uniform(2, 1, 10))
+    monkeypatch.setattr("raffm_core.task.encode.PreTrainedTokenizerBase", _Pad)
+    split = _two_class_split(8)
+    batch = {k: torch.tensor(split[k]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        with R.width_scaler(sub) if scaled else contextlib.nullcontext():
+            expected = float(sub(**batch).loss)
+        other = float(sub(**batch).loss) if scaled else None
+    settings = TrainSettings(1e-3, 1, 1.0, 8, 0.0, 0.0, seed=1, width_scaler=scaled)
+    result = train_submodel(sub, split, _Pad(), settings)
+    assert result.loss == pytest.approx(expected, rel=1e-5)
+    if scaled:
+        assert result.loss != pytest.approx(other, rel=1e-5)  # the scaler changed the forward

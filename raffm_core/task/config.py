@@ -72,6 +72,7 @@ class RunConfig:
     strategy: str = RAFFM
     fedavg_train_all: bool = False
     rolling_step: int = 1
+    rolling_tail: float = 0.0
     num_server_rounds: int = 5
     seed: int = 42
     min_available_nodes: int = 10
@@ -128,6 +129,7 @@ class RunConfig:
     max_length: int = 64
     weight_decay: float = 0.01
     masked_loss: bool = False
+    width_scaler: bool = False
     mixed_precision: str = "bf16"
     eval_batch_size: int = 32
     client_threads: int = 1
@@ -178,6 +180,7 @@ class RunConfig:
             self._check_range(name, 0.0 <= getattr(self, name) <= 1.0, "in [0, 1]")
         self._check_range("test_fraction", 0.0 < self.test_fraction < 1.0, "in (0, 1)")
         self._check_range("validation_fraction", 0.0 <= self.validation_fraction < 1.0, "in [0, 1)")
+        self._check_range("rolling_tail", 0.0 <= self.rolling_tail < 1.0, "in [0, 1)")
         for name in ("lr", "local_epochs", "dirichlet_alpha", "round_timeout_s", "query_timeout_s"):
             self._check_range(name, getattr(self, name) > 0, "> 0")
         for name in ("proximal_mu", "weight_decay", "width_weight_power"):
@@ -186,6 +189,11 @@ class RunConfig:
             raise ConfigError(
                 f"proximal-mu = {self.proximal_mu} is only used with server-update = "
                 f"'fedprox', got server-update = {self.server_update!r}"
+            )
+        if self.rolling_tail and self.strategy != RAFFM:
+            raise ConfigError(
+                f"rolling-tail = {self.rolling_tail} is only used with strategy = 'raffm', "
+                f"got strategy = {self.strategy!r}"
             )
         if self.fedavg_train_all and self.strategy != FEDAVG:
             raise ConfigError(

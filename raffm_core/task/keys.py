@@ -24,6 +24,7 @@ BATCH_SIZE = "batch-size"
 MAX_LENGTH = "max-length"
 WEIGHT_DECAY = "weight-decay"
 MASKED_LOSS = "masked-loss"  # bool, optional (absent: plain cross-entropy)
+WIDTH_SCALER = "width-scaler"  # bool, optional (absent: no scaler)
 PROXIMAL_MU = "proximal-mu"
 SEED = "seed"
 MIXED_PRECISION = "mixed-precision"  # "no" or "bf16" (autocast; weights stay fp32)
