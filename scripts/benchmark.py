@@ -128,6 +128,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "raffm-scaler": {"strategy": "raffm", "width-scaler": True},
     "heterofl-scaler": {"strategy": "heterofl", "width-scaler": True},
     "fedrolex-scaler": {"strategy": "fedrolex", "width-scaler": True},
+    "raffm-tail-scaler": {"strategy": "raffm", "rolling-tail": 0.5, "width-scaler": True},
 }
 """Candidate and ablation rows (diagnosis, choosing ``raffm``'s defaults); run with ``--rows``."""
 
@@ -285,7 +286,32 @@ def launch(out: Path, federation: str, row: str, seed: int, quick: bool, extra: 
         )
     wall = time.monotonic() - started
     (folder / "cost.json").write_text(json.dumps({"wall-time-s": wall}) + "\n")
+    rejected = rejected_replies(folder)
+    if rejected:
+        # A reply lost to the machine (a Ray worker killed for memory, a timeout) is
+        # not a result of the method: the run is set aside, on disk, and not reported.
+        aside = folder.with_name(f"{folder.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        raise RuntimeError(
+            f"{federation} {row} seed {seed}: {rejected} replies rejected "
+            f"({rejected_reasons(aside)}); set aside in {aside}, run it again"
+        )
     return wall
+
+
+def rejected_replies(folder: Path) -> int:
+    """Client replies the server rejected in a finished run (0 for pooled training)."""
+    rounds = read_json(folder / "rounds.json")
+    return sum(c.get("status") == "rejected" for r in rounds for c in r.get("clients", []))
+
+
+def rejected_reasons(folder: Path) -> str:
+    """The distinct first words of the rejection reasons in ``run.log``, for the message."""
+    reasons = set()
+    for line in (folder / "run.log").read_text(errors="replace").splitlines():
+        if "rejected:" in line:
+            reasons.add(line.split("rejected:", 1)[1].strip()[:70])
+    return "; ".join(sorted(reasons)[:3])
 
 
 def run_one(spec_json: str) -> None:
@@ -554,10 +580,15 @@ def main(argv: list[str] | None = None) -> int:
             f"[benchmark] {len(plan)} runs, {len(plan) - len(todo)} reused, {len(todo)} to go",
             flush=True,
         )
-        spent = []
+        spent, failed = [], []
         for i, (fed, row, seed) in enumerate(todo, 1):
             print(f"[benchmark] {i}/{len(todo)}: {fed} {row} seed {seed}", flush=True)
-            wall = launch(out, fed, row, seed, args.quick, extra)
+            try:
+                wall = launch(out, fed, row, seed, args.quick, extra)
+            except RuntimeError as err:  # one lost run does not stop the others
+                print(f"[benchmark] FAILED: {err}", flush=True)
+                failed.append(f"{fed} {row} seed {seed}")
+                continue
             spent.append(wall)
             eta = (len(todo) - i) * sum(spent) / len(spent)
             summary = read_json(run_dir(out, fed, row, seed) / "summary.json")
@@ -569,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     records = report(out, federations, rows, seeds, argv)
     print((out / "summary.md").read_text())
     print(f"[benchmark] {len(records)} runs in {out}/results.csv")
+    if not args.report_only and failed:
+        print(f"[benchmark] {len(failed)} runs failed: {', '.join(failed)}", flush=True)
+        return 1
     return 0
 
 

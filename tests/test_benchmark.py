@@ -1,0 +1,93 @@
+"""scripts/benchmark.py's bookkeeping: tables from run folders, and runs with lost replies.
+
+The runs are folders written here with hand-chosen numbers; the expected
+figures (means, sample standard deviations, paired differences) are worked
+out by hand in the tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location(
+    "benchmark_script", ROOT / "scripts" / "benchmark.py"
+)
+benchmark = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = benchmark
+_spec.loader.exec_module(benchmark)
+
+FED = "cross-silo-10"
+
+
+def write_run(out: Path, row: str, seed: int, final: float, chosen: float, statuses=("accepted",)):
+    folder = benchmark.run_dir(out, FED, row, seed)
+    folder.mkdir(parents=True)
+    clients = [{"status": s, "bytes-down": 10, "bytes-up": 10} for s in statuses]
+    rounds = [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": final, "clients": clients}]
+    summary = {
+        "rounds": 1,
+        "final-accuracy": final,
+        "best-round": 1,
+        "best-accuracy": chosen,
+        "mean-client-params-fraction": 0.7,
+        "communication-ratio": 0.7,
+        "clients-excluded": 0,
+    }
+    (folder / "rounds.json").write_text(json.dumps(rounds))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "run.log").write_text("WARNING : reply from node 7 rejected: error reply (OOM)\n")
+    return folder
+
+
+def test_summary_has_mean_sd_paired_differences_and_gap_to_the_ceiling(tmp_path):
+    for seed, (r, h, c) in enumerate([(0.70, 0.72, 0.80), (0.60, 0.55, 0.80), (0.80, 0.83, 0.86)]):
+        write_run(tmp_path, "raffm", seed + 1, r, r)
+        write_run(tmp_path, "heterofl", seed + 1, h, h - 0.01)
+        write_run(tmp_path, "centralized", seed + 1, c, c)
+    rows = ["raffm", "heterofl", "centralized"]
+    records = benchmark.report(tmp_path, [FED], rows, [1, 2, 3], [])
+    assert len(records) == 9
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(t["strategy"], t["seed"], t["final-accuracy"]) for t in table[:2]] == [
+        ("raffm", "1", "0.7000"),
+        ("raffm", "2", "0.6000"),
+    ]
+    lines = {line.split(" | ")[0]: line for line in benchmark.summary_table(records, FED, rows)}
+    hetero = lines["| heterofl"]
+    # mean (0.72+0.55+0.83)/3 = 0.700; sd = sqrt(((.02)^2+(.15)^2+(.13)^2)/2) = 0.1411
+    assert "0.700 ± 0.141" in hetero
+    assert "0.690 ± 0.141" in hetero  # at the round chosen on validation
+    assert "1: +0.020, 2: -0.050, 3: +0.030" in hetero and "2 of 3" in hetero
+    # ceiling mean (0.80+0.80+0.86)/3 = 0.82; raffm mean 0.70 -> gap -0.120
+    assert lines["| raffm"].endswith("| -0.120 |")
+
+
+def test_a_run_with_rejected_replies_is_counted_and_its_reasons_read(tmp_path):
+    clean = write_run(tmp_path, "raffm", 1, 0.7, 0.7)
+    lossy = write_run(tmp_path, "heterofl", 1, 0.5, 0.5, ("accepted", "rejected", "rejected"))
+    assert benchmark.rejected_replies(clean) == 0
+    assert benchmark.rejected_replies(lossy) == 2
+    assert "error reply (OOM)" in benchmark.rejected_reasons(lossy)
+
+
+def test_set_aside_runs_are_not_reported(tmp_path):
+    folder = write_run(tmp_path, "raffm", 1, 0.7, 0.7)
+    folder.rename(folder.with_name("seed-1.set-aside-20261202-101500"))
+    assert benchmark.collect(tmp_path, [FED], ["raffm"], [1]) == []
+
+
+@pytest.mark.parametrize("row", ["raffm-tail", "heterofl-scaler"])
+def test_variant_rows_differ_from_their_base_only_in_their_keys(row):
+    """(The ``raffm`` row also keeps its final model, for the zero-shot ablation.)"""
+    base = benchmark.run_overrides(FED, benchmark.VARIANTS[row]["strategy"], 1, False, {})
+    variant = benchmark.run_overrides(FED, row, 1, False, {})
+    changed = {k: v for k, v in variant.items() if base.get(k) != v and k != "save-models"}
+    assert changed == {k: v for k, v in benchmark.VARIANTS[row].items() if k != "strategy"}
