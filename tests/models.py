@@ -125,6 +125,24 @@ def tiny_model(name: str, attn_implementation: str = "sdpa", seed: int = 0):
     return model.eval()
 
 
+def tiny_gpt2(head: str = "seq-cls", attn_implementation: str = "sdpa", seed: int = 0, **config):
+    """A tiny GPT-2 with a classification (``seq-cls``) or tied LM (``causal-lm``) head.
+
+    Keyword arguments override the ``gpt2`` config (``n_inner=None`` for GPT-2's
+    default of 4 x ``n_embd``; ``n_layer=6`` is DistilGPT2's depth).
+    """
+    torch.manual_seed(seed)
+    cfg = CONFIGS["gpt2"]()
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    cls = T.GPT2ForSequenceClassification if head == "seq-cls" else T.GPT2LMHeadModel
+    model = cls._from_config(cfg, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
 def tiny_inputs(name: str, batch: int = 3, seq: int = 11, seed: int = 1) -> dict:
     """Inputs for :func:`tiny_model`, with padding in the first example."""
     g = torch.Generator().manual_seed(seed)
