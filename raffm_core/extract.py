@@ -2,7 +2,8 @@
 
 A sub-model is a real, smaller ``transformers`` model of the same class: its
 elastic ``nn.Linear`` (or, for GPT-2, ``Conv1D``) modules are replaced by
-smaller ones whose weights are the kept slices of the global weights. It runs through the normal HF forward.
+smaller ones whose weights are the kept slices of the global weights. It runs
+through the normal HF forward.
 Its config is the base config plus ``raffm_subnet`` (the spec as a dict), so
 the pair (config, weights) is enough to rebuild it; see :func:`load_submodel`.
 """

@@ -193,6 +193,7 @@ class ModelLayout:
     def unit_params(self) -> tuple[int, int]:
         """Parameters per head group and per FFN neuron, in one layer."""
         layer = self.layers[0]
+
         def per_unit(c: Coupled) -> int:
             return c.block * len(c.offsets) * prod(self.shapes[c.key]) // self.shapes[c.key][c.axis]
 

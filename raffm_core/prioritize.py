@@ -111,7 +111,11 @@ def _take(tensor: torch.Tensor, c: Coupled, unit_perm: torch.Tensor) -> None:
 
 
 def _take_within(tensor: torch.Tensor, c: Coupled, channel_perm: torch.Tensor) -> None:
-    """Reorder channels inside each block: row ``o + h*block + j`` takes ``o + h*block + perm[h, j]``."""
+    """Reorder channels inside each block of each section.
+
+    Position ``o + h*block + j`` takes ``o + h*block + perm[h, j]`` for every
+    section start ``o`` of ``c``.
+    """
     heads = channel_perm.shape[0]
     within = (torch.arange(heads)[:, None] * c.block + channel_perm).reshape(-1)
     index = torch.arange(tensor.shape[c.axis])

@@ -56,6 +56,33 @@ def _mixed_spec(model) -> R.SubnetSpec:
     return R.SubnetSpec((R.LayerSpec(2, ffn // 2), *rest))
 
 
+def kept_index(key: str, spec: R.SubnetSpec, config, ndim: int) -> tuple:
+    """Positions of state-dict ``key`` that ``spec`` keeps, per axis (numpy indexing).
+
+    Written from GPT-2's layout as documented, not from :mod:`raffm_core.layout`.
+    """
+    out: list = [slice(None)] * ndim
+    if not key.startswith("transformer.h."):
+        return tuple(out)
+    d, big_h = config.n_embd // config.n_head, config.n_embd
+    kept = spec.layers[int(key.split(".")[2])]
+    heads, ffn = _units(kept.heads), np.array(_units(kept.ffn))
+    rows = np.array([h * d + j for h in heads for j in range(d)])
+    axis_units = {
+        "attn.c_attn.weight": (1, _qkv_cols(heads, d, big_h)),
+        "attn.c_attn.bias": (0, _qkv_cols(heads, d, big_h)),
+        "attn.c_proj.weight": (0, rows),
+        "mlp.c_fc.weight": (1, ffn),
+        "mlp.c_fc.bias": (0, ffn),
+        "mlp.c_proj.weight": (0, ffn),
+    }
+    name = key.split(".", 3)[3]
+    if name in axis_units:
+        axis, units = axis_units[name]
+        out[axis] = units
+    return tuple(out)
+
+
 def test_gpt2_is_one_family_entry():
     family = find_family("gpt2")
     assert family.transposed and family.fused_qkv
@@ -208,33 +235,11 @@ def test_aggregation_with_partial_coverage_matches_numpy():
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     new = R.aggregate(global_state, updates, layout)
 
-    def index(key: str, spec: R.SubnetSpec, ndim: int) -> tuple:
-        """Kept positions of ``key`` per axis, from GPT-2's layout as documented."""
-        out = [slice(None)] * ndim
-        if not key.startswith("transformer.h."):
-            return tuple(out)
-        kept = spec.layers[int(key.split(".")[2])]
-        heads, ffn = _units(kept.heads), np.array(_units(kept.ffn))
-        rows = np.array([h * d + j for h in heads for j in range(d)])
-        axis_units = {
-            "attn.c_attn.weight": (1, _qkv_cols(heads, d, big_h)),
-            "attn.c_attn.bias": (0, _qkv_cols(heads, d, big_h)),
-            "attn.c_proj.weight": (0, rows),
-            "mlp.c_fc.weight": (1, ffn),
-            "mlp.c_fc.bias": (0, ffn),
-            "mlp.c_proj.weight": (0, ffn),
-        }
-        name = key.split(".", 3)[3]
-        if name in axis_units:
-            axis, units = axis_units[name]
-            out[axis] = units
-        return tuple(out)
-
     for key, old_tensor in global_state.items():
         old = old_tensor.numpy().astype(np.float64)
         num, den = np.zeros_like(old), np.zeros_like(old)
         for spec, state, examples in updates:
-            where = index(key, spec, old.ndim)
+            where = kept_index(key, spec, model.config, old.ndim)
             num[where] += examples * state[key].numpy()
             den[where] += examples
         expected = np.where(den > 0, num / np.where(den > 0, den, 1), old)
