@@ -73,19 +73,26 @@ def classifier_run(tmp_path_factory):
     return tmp / "results"
 
 
-def test_gpt2_global_model_changes_only_inside_the_slices_nodes_held(classifier_run):
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpt2-lm-simulation")
+    overrides = {**_overrides(tmp, True, 1), "task": "causal-lm", "max-length": 24}
+    simulate({**overrides, "lr": 1e-2, "save-round-models": True}, NUM_NODES)
+    return tmp / "results"
+
+
+def _check_changes_only_inside_slices(run_dir, cls) -> None:
     """Oracle: GPT-2's kept positions written from its layout (tests/test_gpt2.py)."""
-    rounds = read_json(classifier_run, "rounds.json")
-    models = classifier_run / "round-models"
-    model = T.GPT2ForSequenceClassification.from_pretrained(models / "round-0")
+    rounds = read_json(run_dir, "rounds.json")
+    models = run_dir / "round-models"
+    model = cls.from_pretrained(models / "round-0")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layout = R.describe(model)
     for row in rounds[1:]:
         clients = row["clients"]
         assert len(clients) == NUM_NODES and all(c["status"] == "accepted" for c in clients)
         assert sorted(c["budget"] for c in clients) == BUDGETS.split(",")
-        after = T.GPT2ForSequenceClassification.from_pretrained(models / f"round-{row['round']}")
-        after = after.state_dict()
+        after = cls.from_pretrained(models / f"round-{row['round']}").state_dict()
         prioritized = {k: v.clone() for k, v in before.items()}
         R.permute_state(prioritized, layout, R.rank_units(prioritized, layout))
         covered = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in before.items()}
@@ -99,8 +106,40 @@ def test_gpt2_global_model_changes_only_inside_the_slices_nodes_held(classifier_
         assert sum(int((after[k] != prioritized[k]).sum()) for k in before) > 0
         assert sum(int((~c).sum()) for c in covered.values()) > 0  # not vacuous
         before = after
+
+
+def test_gpt2_classifier_changes_only_inside_the_slices_nodes_held(classifier_run):
+    _check_changes_only_inside_slices(classifier_run, T.GPT2ForSequenceClassification)
     summary = read_json(classifier_run, "summary.json")
     assert summary["rounds"] == 2 and summary["final-accuracy"] is not None
+
+
+def test_gpt2_causal_lm_changes_only_inside_the_slices_nodes_held(lm_run):
+    _check_changes_only_inside_slices(lm_run, T.GPT2LMHeadModel)
+    final = T.GPT2LMHeadModel.from_pretrained(lm_run / "final-model")
+    assert final.lm_head.weight is final.transformer.wte.weight  # still tied
+    assert 0.0 <= read_json(lm_run, "summary.json")["final-accuracy"] <= 1.0
+
+
+def test_deploy_script_exports_a_gpt2_submodel(classifier_run, tmp_path):
+    from tests.test_deploy_app import load_script
+
+    out = tmp_path / "deployed"
+    final = classifier_run / "final-model"
+    assert load_script().main([str(final), "--budget", "params=0.8", "--out", str(out)]) == 0
+    report = json.loads((out / "deploy.json").read_text())
+    assert report["params-fraction"] <= 0.8
+    exported = R.load_submodel(out).eval()
+    assert type(exported) is T.GPT2ForSequenceClassification
+    assert sum(p.numel() for p in exported.parameters()) == report["params"]
+    model = T.GPT2ForSequenceClassification.from_pretrained(final).eval()
+    R.prioritize(model)
+    spec = R.SubnetSpec.uniform(model.config.n_layer, report["heads"], report["ffn"])
+    tokenizer = T.AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["a good film", "dull and weak"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = R.extract_submodel(model, spec)(**batch).logits
+        torch.testing.assert_close(exported(**batch).logits, want, rtol=1e-6, atol=1e-6)
 
 
 def test_gpt2_causal_lm_lora_round_moves_only_adapters_on_c_attn(tmp_path):
