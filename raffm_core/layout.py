@@ -5,6 +5,7 @@ and its config, and returns a :class:`ModelLayout`: for every layer, which
 tensors share the head axis and which share the FFN-neuron axis, on which axis
 of each tensor, and in blocks of how many rows or columns per unit. Ranking,
 permuting, slicing and aggregating are all written against this description.
+Axes follow the weight layout (:mod:`raffm_core.families`): ``(out, in)`` or ``(in, out)``.
 """
 
 from __future__ import annotations
@@ -250,7 +251,8 @@ def describe(model: PreTrainedModel) -> ModelLayout:
     ------
     UnsupportedModelError
         If the architecture is not in :data:`raffm_core.families.FAMILIES`, or
-        uses a setting under which reordering would change its function.
+        uses a setting under which reordering would change its function, or
+        fuses Q, K and V while sharing key/value heads.
     """
     if not isinstance(model, PreTrainedModel):
         raise UnsupportedModelError(
@@ -307,14 +309,14 @@ def describe(model: PreTrainedModel) -> ModelLayout:
     q_rows, kv_rows = num_heads * head_dim, num_kv * head_dim
     if family.fused_qkv:  # one module, Q, K and V as sections of its outputs
         inputs = (("qkv", family.query, 3 * q_rows, head_dim, (0, q_rows, 2 * q_rows)),)
-        qk_offsets: tuple[int, ...] | None = (0, q_rows)
+        qk_offsets: tuple[int, ...] = (0, q_rows)
     else:
         inputs = (
             ("query", family.query, q_rows, group_size * head_dim, (0,)),
             ("key", family.key, kv_rows, head_dim, (0,)),
             ("value", family.value, kv_rows, head_dim, (0,)),
         )
-        qk_offsets = None
+        qk_offsets = (0,)
     layers = []
     for i in range(len(blocks)):
         path = f"{prefix}{family.layers}.{i}."
@@ -337,10 +339,9 @@ def describe(model: PreTrainedModel) -> ModelLayout:
                 shapes[key + ".bias"] = (rows,)
                 heads.append(Coupled(key + ".bias", 0, unit, offsets))
             if role != "value" and not family.rotary and group_size == 1:
-                qk = qk_offsets or (0,)
-                query_key.append(Coupled(key + ".weight", out_axis, head_dim, qk))
+                query_key.append(Coupled(key + ".weight", out_axis, head_dim, qk_offsets))
                 if lin.bias is not None:
-                    query_key.append(Coupled(key + ".bias", 0, head_dim, qk))
+                    query_key.append(Coupled(key + ".bias", 0, head_dim, qk_offsets))
         _linear(block, mods["attn_out"], t)
         out_key = path + mods["attn_out"] + ".weight"
         shapes[out_key] = shape(hidden, q_rows)
