@@ -1,8 +1,9 @@
 """Sub-model extraction (paper Eq. 6), rebuilding, and the saved artifact.
 
 A sub-model is a real, smaller ``transformers`` model of the same class: its
-elastic ``nn.Linear`` modules are replaced by smaller ones whose weights are
-the kept slices of the global weights. It runs through the normal HF forward.
+elastic ``nn.Linear`` (or, for GPT-2, ``Conv1D``) modules are replaced by
+smaller ones whose weights are the kept slices of the global weights. It runs
+through the normal HF forward.
 Its config is the base config plus ``raffm_subnet`` (the spec as a dict), so
 the pair (config, weights) is enough to rebuild it; see :func:`load_submodel`.
 """
@@ -22,6 +23,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from .errors import SpecError, UnsupportedModelError
 from .layout import ModelLayout, describe
@@ -86,31 +88,39 @@ def extract_state_dict(
 
 
 def _shrink(model: PreTrainedModel, layout: ModelLayout, spec: SubnetSpec) -> None:
-    """Replace every elastic ``nn.Linear`` of ``model`` by one of the sub-model's size."""
+    """Replace every elastic projection of ``model`` by one of the sub-model's size."""
     shapes = layout.sub_shapes(spec)
+    transposed = layout.family.transposed
     for layer in layout.layers:
         for path in layer.modules.values():
             parent_path, _, name = path.rpartition(".")
             old = model.get_submodule(path)
-            out_features, in_features = shapes[path + ".weight"]
-            new = nn.Linear(
-                in_features,
-                out_features,
-                bias=old.bias is not None,
-                device=old.weight.device,
-                dtype=old.weight.dtype,
-            )
+            weight = old.weight
+            if transposed:  # Conv1D(nf=out, nx=in), weight (in, out), always a bias
+                in_features, out_features = shapes[path + ".weight"]
+                with torch.device(weight.device):
+                    new = Conv1D(out_features, in_features).to(weight.dtype)
+            else:  # nn.Linear, weight (out, in)
+                out_features, in_features = shapes[path + ".weight"]
+                new = nn.Linear(
+                    in_features,
+                    out_features,
+                    bias=old.bias is not None,
+                    device=weight.device,
+                    dtype=weight.dtype,
+                )
             setattr(model.get_submodule(parent_path), name, new)
-        # Head counts some attention classes keep for bookkeeping; the
-        # forward passes infer them from the tensor shapes.
-        attn = model.get_submodule(layer.modules["query"].rpartition(".")[0])
+        # Head counts and widths some attention classes keep for bookkeeping
+        # (GPT-2 splits its fused output by ``split_size``).
+        attn = model.get_submodule(layer.attention)
         kept = spec.layers[layer.index].heads
         n_heads = (kept if isinstance(kept, int) else len(kept)) * layout.group_size
         for attr in ("num_attention_heads", "n_heads", "num_heads"):
             if isinstance(getattr(attn, attr, None), int):
                 setattr(attn, attr, n_heads)
-        if isinstance(getattr(attn, "all_head_size", None), int):
-            attn.all_head_size = n_heads * layout.head_dim
+        for attr in layout.family.width_attrs:
+            if isinstance(getattr(attn, attr, None), int):
+                setattr(attn, attr, n_heads * layout.head_dim)
 
 
 def build_submodel(

@@ -5,8 +5,11 @@ modules of a layer share which elastic axis. The algorithms (ranking,
 permuting, slicing, aggregating) read only these tables, so supporting a new
 architecture means adding an entry to :data:`FAMILIES`, not editing them.
 
-Tensor layouts: every module named here is an ``nn.Linear`` whose ``weight`` is
-``(out_features, in_features)`` and whose optional ``bias`` is ``(out_features,)``.
+Tensor layouts: a module named here is an ``nn.Linear``, whose ``weight`` is
+``(out_features, in_features)``, or, in a family with ``transposed=True``, a
+GPT-style ``transformers.pytorch_utils.Conv1D``, whose ``weight`` is
+``(in_features, out_features)``. Either way the optional ``bias`` is
+``(out_features,)``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,21 @@ class Family:
         within a head must not be permuted; whole heads still can be.
     ffn_size_attr : str
         Config attribute with the number of FFN neurons per layer.
+    transposed : bool
+        Whether the projections are ``Conv1D`` (weight ``(in, out)``, GPT-2)
+        rather than ``nn.Linear`` (weight ``(out, in)``).
+    fused_qkv : bool
+        Whether ``query``, ``key`` and ``value`` name one module whose outputs
+        are Q, K and V side by side, each of them grouped by head (GPT-2's
+        ``c_attn``, of width ``3 x hidden``). Needs one key/value head per
+        query head.
+    ffn_size_factor : int or None
+        FFN neurons per hidden unit when the config's ``ffn_size_attr`` is
+        ``None`` (GPT-2's ``n_inner=None`` means ``4 x n_embd``).
+    width_attrs : tuple of str
+        Integer attributes of the attention module holding the query width
+        (heads x head size), updated on sub-models (BERT's ``all_head_size``,
+        GPT-2's ``split_size``, by which it splits the fused output).
     """
 
     name: str
@@ -64,6 +82,10 @@ class Family:
     kv_heads_attr: str | None
     rotary: bool
     ffn_size_attr: str = "intermediate_size"
+    transposed: bool = False
+    fused_qkv: bool = False
+    ffn_size_factor: int | None = None
+    width_attrs: tuple[str, ...] = ("all_head_size",)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -123,6 +145,25 @@ FAMILIES: tuple[Family, ...] = (
         heads_attr="num_attention_heads",
         kv_heads_attr="num_key_value_heads",
         rotary=True,
+    ),
+    Family(
+        name="GPT-2",
+        model_types=("gpt2",),  # GPT-2 and DistilGPT2
+        layers="h",
+        query="attn.c_attn",
+        key="attn.c_attn",
+        value="attn.c_attn",
+        attn_out="attn.c_proj",
+        ffn_in=("mlp.c_fc",),
+        ffn_out="mlp.c_proj",
+        heads_attr="n_head",
+        kv_heads_attr=None,
+        rotary=False,
+        ffn_size_attr="n_inner",
+        transposed=True,
+        fused_qkv=True,
+        ffn_size_factor=4,
+        width_attrs=("split_size",),
     ),
 )
 

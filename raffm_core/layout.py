@@ -5,6 +5,7 @@ and its config, and returns a :class:`ModelLayout`: for every layer, which
 tensors share the head axis and which share the FFN-neuron axis, on which axis
 of each tensor, and in blocks of how many rows or columns per unit. Ranking,
 permuting, slicing and aggregating are all written against this description.
+Axes follow the weight layout (:mod:`raffm_core.families`): ``(out, in)`` or ``(in, out)``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from math import prod
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from .errors import SpecError, UnsupportedModelError
 from .families import Family, find_family
@@ -28,13 +30,29 @@ Index = slice | torch.Tensor
 class Coupled:
     """One tensor that takes part in an elastic axis.
 
-    Unit ``u`` of the axis owns positions ``u*block .. (u+1)*block-1`` along
-    ``axis`` of the tensor stored under ``key``.
+    Unit ``u`` of the axis owns positions ``o + u*block .. o + (u+1)*block-1``
+    along ``axis`` of the tensor stored under ``key``, for every section start
+    ``o`` in ``offsets``. A tensor has one section (``offsets=(0,)``) unless
+    it fuses several projections: GPT-2's ``c_attn`` holds Q, K and V side by
+    side, ``offsets=(0, H, 2H)`` for ``H = heads x head_dim``.
     """
 
     key: str
     axis: int
     block: int
+    offsets: tuple[int, ...] = (0,)
+
+    def positions(self, units: torch.Tensor) -> torch.Tensor:
+        """Positions along ``axis`` owned by ``units`` (in that order), section by section."""
+        within = (units[:, None] * self.block + torch.arange(self.block)).reshape(-1)
+        return torch.cat([offset + within for offset in self.offsets])
+
+    def index(self, width: Width) -> Index:
+        """Positions along ``axis`` kept by ``width``: a leading slice when possible."""
+        if self.offsets == (0,):
+            return expand(width, self.block)
+        units = torch.arange(width) if isinstance(width, int) else torch.tensor(width)
+        return self.positions(units.to(torch.int64))
 
 
 @dataclass(frozen=True)
@@ -47,7 +65,8 @@ class LayerLayout:
         Layer number.
     modules : dict
         Role (``query``, ``key``, ``value``, ``attn_out``, ``ffn_in.N``,
-        ``ffn_out``) to the module's dotted path in the model.
+        ``ffn_out``) to the module's dotted path in the model; one role
+        ``qkv`` instead of the first three when they are fused.
     heads : tuple of Coupled
         Tensors whose positions belong to head groups: rows of Q, K, V (and
         biases), columns of the attention output projection.
@@ -65,6 +84,11 @@ class LayerLayout:
     heads: tuple[Coupled, ...]
     ffn: tuple[Coupled, ...]
     query_key: tuple[Coupled, ...]
+
+    @property
+    def attention(self) -> str:
+        """Path of the attention module (the parent of the query projection)."""
+        return (self.modules.get("query") or self.modules["qkv"]).rpartition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -109,7 +133,8 @@ class ModelLayout:
     @property
     def hidden_size(self) -> int:
         """Width of the residual stream (the attention projections' input features)."""
-        return self.shapes[self.layers[0].heads[0].key][1]
+        query = self.layers[0].heads[0]  # a 2-D weight; its other axis is the input
+        return self.shapes[query.key][1 - query.axis]
 
     @property
     def total_params(self) -> int:
@@ -148,9 +173,9 @@ class ModelLayout:
         out: dict[str, tuple[int, Index]] = {}
         for layer, kept in zip(self.layers, spec.layers, strict=True):
             for coupled in layer.heads:
-                out[coupled.key] = (coupled.axis, expand(kept.heads, coupled.block))
+                out[coupled.key] = (coupled.axis, coupled.index(kept.heads))
             for coupled in layer.ffn:
-                out[coupled.key] = (coupled.axis, expand(kept.ffn, coupled.block))
+                out[coupled.key] = (coupled.axis, coupled.index(kept.ffn))
         return out
 
     def sub_shapes(self, spec: SubnetSpec) -> dict[str, tuple[int, ...]]:
@@ -169,13 +194,11 @@ class ModelLayout:
     def unit_params(self) -> tuple[int, int]:
         """Parameters per head group and per FFN neuron, in one layer."""
         layer = self.layers[0]
-        per_group = sum(
-            c.block * prod(self.shapes[c.key]) // self.shapes[c.key][c.axis] for c in layer.heads
-        )
-        per_neuron = sum(
-            c.block * prod(self.shapes[c.key]) // self.shapes[c.key][c.axis] for c in layer.ffn
-        )
-        return per_group, per_neuron
+
+        def per_unit(c: Coupled) -> int:
+            return c.block * len(c.offsets) * prod(self.shapes[c.key]) // self.shapes[c.key][c.axis]
+
+        return sum(map(per_unit, layer.heads)), sum(map(per_unit, layer.ffn))
 
 
 def expand(width: Width, block: int) -> Index:
@@ -197,14 +220,16 @@ def _config_int(config: PretrainedConfig, name: str) -> int:
     return value
 
 
-def _linear(model: nn.Module, path: str) -> nn.Linear:
+def _linear(model: nn.Module, path: str, transposed: bool = False) -> nn.Module:
+    """The projection at ``path``: ``nn.Linear``, or ``Conv1D`` when ``transposed``."""
+    expected = Conv1D if transposed else nn.Linear
     try:
         module = model.get_submodule(path)
     except AttributeError:
         raise UnsupportedModelError(f"expected a module at {path!r}, found none") from None
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, expected):
         raise UnsupportedModelError(
-            f"expected nn.Linear at {path!r}, found {type(module).__name__}"
+            f"expected {expected.__name__} at {path!r}, found {type(module).__name__}"
         )
     return module
 
@@ -226,7 +251,8 @@ def describe(model: PreTrainedModel) -> ModelLayout:
     ------
     UnsupportedModelError
         If the architecture is not in :data:`raffm_core.families.FAMILIES`, or
-        uses a setting under which reordering would change its function.
+        uses a setting under which reordering would change its function, or
+        fuses Q, K and V while sharing key/value heads.
     """
     if not isinstance(model, PreTrainedModel):
         raise UnsupportedModelError(
@@ -257,23 +283,46 @@ def describe(model: PreTrainedModel) -> ModelLayout:
             f"{type(model).__name__}: no layer list at {family.layers!r}"
         ) from None
 
-    first = blocks[0]
-    hidden = _linear(first, family.query).in_features
+    t = family.transposed
+    out_axis, in_axis = (1, 0) if t else (0, 1)
+
+    def shape(out_features: int, in_features: int) -> tuple[int, int]:
+        # nn.Linear.weight is (out, in); GPT-2's Conv1D.weight is (in, out).
+        return (in_features, out_features) if t else (out_features, in_features)
+
+    first = _linear(blocks[0], family.query, t)
+    hidden = first.weight.shape[in_axis]
     head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-    ffn_size = _config_int(config, family.ffn_size_attr)
+    if family.ffn_size_factor and getattr(config, family.ffn_size_attr, None) is None:
+        ffn_size = family.ffn_size_factor * hidden
+    else:
+        ffn_size = _config_int(config, family.ffn_size_attr)
+    if family.fused_qkv and group_size != 1:
+        raise UnsupportedModelError(
+            f"a fused query/key/value projection needs one key/value head per query head, "
+            f"got {num_heads} query and {num_kv} key/value heads"
+        )
 
     # Elastic shapes come from the config (the model may be a sub-model);
     # everything else from the model itself.
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     q_rows, kv_rows = num_heads * head_dim, num_kv * head_dim
+    if family.fused_qkv:  # one module, Q, K and V as sections of its outputs
+        inputs = (("qkv", family.query, 3 * q_rows, head_dim, (0, q_rows, 2 * q_rows)),)
+        qk_offsets: tuple[int, ...] = (0, q_rows)
+    else:
+        inputs = (
+            ("query", family.query, q_rows, group_size * head_dim, (0,)),
+            ("key", family.key, kv_rows, head_dim, (0,)),
+            ("value", family.value, kv_rows, head_dim, (0,)),
+        )
+        qk_offsets = (0,)
     layers = []
     for i in range(len(blocks)):
         path = f"{prefix}{family.layers}.{i}."
         block = blocks[i]
         mods = {
-            "query": family.query,
-            "key": family.key,
-            "value": family.value,
+            **{role: name for role, name, *_ in inputs},
             "attn_out": family.attn_out,
             "ffn_out": family.ffn_out,
             **{f"ffn_in.{j}": name for j, name in enumerate(family.ffn_in)},
@@ -281,36 +330,32 @@ def describe(model: PreTrainedModel) -> ModelLayout:
         heads: list[Coupled] = []
         ffn: list[Coupled] = []
         query_key: list[Coupled] = []
-        for role, rows, unit in (
-            ("query", q_rows, group_size * head_dim),
-            ("key", kv_rows, head_dim),
-            ("value", kv_rows, head_dim),
-        ):
-            lin = _linear(block, mods[role])
-            key = path + mods[role]
-            shapes[key + ".weight"] = (rows, hidden)
-            heads.append(Coupled(key + ".weight", 0, unit))
+        for role, name, rows, unit, offsets in inputs:
+            lin = _linear(block, name, t)
+            key = path + name
+            shapes[key + ".weight"] = shape(rows, hidden)
+            heads.append(Coupled(key + ".weight", out_axis, unit, offsets))
             if lin.bias is not None:
                 shapes[key + ".bias"] = (rows,)
-                heads.append(Coupled(key + ".bias", 0, unit))
+                heads.append(Coupled(key + ".bias", 0, unit, offsets))
             if role != "value" and not family.rotary and group_size == 1:
-                query_key.append(Coupled(key + ".weight", 0, head_dim))
+                query_key.append(Coupled(key + ".weight", out_axis, head_dim, qk_offsets))
                 if lin.bias is not None:
-                    query_key.append(Coupled(key + ".bias", 0, head_dim))
-        _linear(block, mods["attn_out"])
+                    query_key.append(Coupled(key + ".bias", 0, head_dim, qk_offsets))
+        _linear(block, mods["attn_out"], t)
         out_key = path + mods["attn_out"] + ".weight"
-        shapes[out_key] = (hidden, q_rows)
-        heads.append(Coupled(out_key, 1, group_size * head_dim))
+        shapes[out_key] = shape(hidden, q_rows)
+        heads.append(Coupled(out_key, in_axis, group_size * head_dim))
         for name in family.ffn_in:
-            lin = _linear(block, name)
-            shapes[path + name + ".weight"] = (ffn_size, hidden)
-            ffn.append(Coupled(path + name + ".weight", 0, 1))
+            lin = _linear(block, name, t)
+            shapes[path + name + ".weight"] = shape(ffn_size, hidden)
+            ffn.append(Coupled(path + name + ".weight", out_axis, 1))
             if lin.bias is not None:
                 shapes[path + name + ".bias"] = (ffn_size,)
                 ffn.append(Coupled(path + name + ".bias", 0, 1))
-        _linear(block, family.ffn_out)
-        shapes[path + family.ffn_out + ".weight"] = (hidden, ffn_size)
-        ffn.append(Coupled(path + family.ffn_out + ".weight", 1, 1))
+        _linear(block, family.ffn_out, t)
+        shapes[path + family.ffn_out + ".weight"] = shape(hidden, ffn_size)
+        ffn.append(Coupled(path + family.ffn_out + ".weight", in_axis, 1))
         layers.append(
             LayerLayout(
                 index=i,

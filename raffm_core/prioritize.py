@@ -87,9 +87,10 @@ def _unit_scores(
     for c in tensors:
         if not c.key.endswith(".weight"):
             continue
-        w = state[c.key].detach().to(torch.float64)
-        w = w.movedim(c.axis, 0).reshape(num_units, -1)
-        score += w.abs().sum(1) if norm == L1 else w.pow(2).sum(1).sqrt()
+        w = state[c.key].detach().to(torch.float64).movedim(c.axis, 0)
+        for offset in c.offsets:  # a fused tensor's sections count as separate tensors
+            part = w[offset : offset + num_units * c.block].reshape(num_units, -1)
+            score += part.abs().sum(1) if norm == L1 else part.pow(2).sum(1).sqrt()
     return score
 
 
@@ -100,15 +101,26 @@ def _rank(score: torch.Tensor) -> torch.Tensor:
 
 
 def _take(tensor: torch.Tensor, c: Coupled, unit_perm: torch.Tensor) -> None:
-    """Reorder ``tensor`` in place so unit ``unit_perm[i]`` moves to position ``i``."""
-    index = (unit_perm[:, None] * c.block + torch.arange(c.block)).reshape(-1)
+    """Reorder ``tensor`` in place so unit ``unit_perm[i]`` moves to position ``i``.
+
+    Positions outside the sections ``c`` describes stay where they are.
+    """
+    index = torch.arange(tensor.shape[c.axis])
+    index[c.positions(torch.arange(len(unit_perm)))] = c.positions(unit_perm)
     tensor.copy_(torch.index_select(tensor, c.axis, index.to(tensor.device)))
 
 
 def _take_within(tensor: torch.Tensor, c: Coupled, channel_perm: torch.Tensor) -> None:
-    """Reorder channels inside each block: row ``h*block + j`` takes ``h*block + perm[h, j]``."""
+    """Reorder channels inside each block of each section.
+
+    Position ``o + h*block + j`` takes ``o + h*block + perm[h, j]`` for every
+    section start ``o`` of ``c``.
+    """
     heads = channel_perm.shape[0]
-    index = (torch.arange(heads)[:, None] * c.block + channel_perm).reshape(-1)
+    within = (torch.arange(heads)[:, None] * c.block + channel_perm).reshape(-1)
+    index = torch.arange(tensor.shape[c.axis])
+    for offset in c.offsets:
+        index[offset : offset + within.numel()] = offset + within
     tensor.copy_(torch.index_select(tensor, c.axis, index.to(tensor.device)))
 
 
@@ -131,9 +143,11 @@ def rank_units(
             weights = [c for c in layer.query_key if c.key.endswith(".weight")]
             per_channel = []
             for c in weights:
-                w = state[c.key].detach().to(torch.float64)
+                w = state[c.key].detach().to(torch.float64).movedim(c.axis, 0).flatten(1)
                 rows = w.abs().sum(1) if norm == L1 else w.pow(2).sum(1).sqrt()
-                per_channel.append(rows.reshape(layout.num_groups, d)[heads])
+                for offset in c.offsets:  # Q and K sections of a fused projection
+                    part = rows[offset : offset + layout.num_groups * d]
+                    per_channel.append(part.reshape(layout.num_groups, d)[heads])
             score = sum(per_channel) / len(per_channel)  # Eq. 5: mean over Q and K
             query_key = torch.sort(score, dim=1, descending=True, stable=True).indices
         layers.append(LayerPermutation(heads=heads, ffn=ffn, query_key=query_key))

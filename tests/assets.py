@@ -88,3 +88,48 @@ def tiny_bert_task(folder: Path, rows: int = 150) -> dict[str, str]:
         "model-name": str(save_tiny_bert(folder / "model")),
         "dataset": str(write_polarity_csv(folder / "polarity.csv", rows)),
     }
+
+
+GPT2_EOS = "<|endoftext|>"
+PROMPT_WORDS = ["Review", ":", "Sentiment", "positive", "negative"]
+
+
+def tiny_gpt2_tokenizer() -> T.PreTrainedTokenizerFast:
+    """A WordLevel tokenizer like GPT-2's in what matters here: EOS, and no padding token."""
+    words = [GPT2_EOS, "[UNK]"] + POSITIVE + NEGATIVE + FILLER + PROMPT_WORDS
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        eos_token=GPT2_EOS,
+        bos_token=GPT2_EOS,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def save_tiny_gpt2(path: Path, causal_lm: bool = False, seed: int = 0) -> Path:
+    """A tiny GPT-2 (2-way classifier, or tied LM head) and its tokenizer, saved as an HF folder.
+
+    Like the hub's ``gpt2`` and ``distilgpt2``: no ``pad_token_id`` and
+    ``n_inner=None`` (4 x ``n_embd`` FFN neurons).
+    """
+    tokenizer = tiny_gpt2_tokenizer()
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    config = T.GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        num_labels=2,
+        id2label={0: "0", 1: "1"},
+        label2id={"0": 0, "1": 1},
+    )
+    model = (T.GPT2LMHeadModel if causal_lm else T.GPT2ForSequenceClassification)(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

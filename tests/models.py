@@ -9,6 +9,7 @@ import torch
 import transformers as T
 
 VOCAB = 61
+GPT2_PAD = 0
 
 
 def _common() -> dict:
@@ -83,9 +84,27 @@ CONFIGS = {
         pad_token_id=0,
         num_labels=3,
     ),
+    # Conv1D weights (in, out), one fused c_attn; n_inner=None means 4 x n_embd.
+    "gpt2": lambda: T.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        n_inner=40,
+        n_positions=64,
+        pad_token_id=GPT2_PAD,
+        bos_token_id=1,
+        eos_token_id=1,
+        num_labels=3,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    ),
 }
 
 FAMILY_NAMES = tuple(CONFIGS)
+LINEAR_FAMILIES = tuple(name for name in FAMILY_NAMES if name != "gpt2")
+"""Families whose Q, K and V are separate ``nn.Linear`` modules (weight ``(out, in)``)."""
 
 
 def tiny_model(name: str, attn_implementation: str = "sdpa", seed: int = 0):
@@ -106,6 +125,24 @@ def tiny_model(name: str, attn_implementation: str = "sdpa", seed: int = 0):
     return model.eval()
 
 
+def tiny_gpt2(head: str = "seq-cls", attn_implementation: str = "sdpa", seed: int = 0, **config):
+    """A tiny GPT-2 with a classification (``seq-cls``) or tied LM (``causal-lm``) head.
+
+    Keyword arguments override the ``gpt2`` config (``n_inner=None`` for GPT-2's
+    default of 4 x ``n_embd``; ``n_layer=6`` is DistilGPT2's depth).
+    """
+    torch.manual_seed(seed)
+    cfg = CONFIGS["gpt2"]()
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    cls = T.GPT2ForSequenceClassification if head == "seq-cls" else T.GPT2LMHeadModel
+    model = cls._from_config(cfg, attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
 def tiny_inputs(name: str, batch: int = 3, seq: int = 11, seed: int = 1) -> dict:
     """Inputs for :func:`tiny_model`, with padding in the first example."""
     g = torch.Generator().manual_seed(seed)
@@ -114,6 +151,8 @@ def tiny_inputs(name: str, batch: int = 3, seq: int = 11, seed: int = 1) -> dict
     ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[0, seq - 4 :] = 0
+    if name == "gpt2":  # its classifier reads the last token that is not padding
+        ids[mask == 0] = GPT2_PAD
     return {"input_ids": ids, "attention_mask": mask}
 
 

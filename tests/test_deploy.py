@@ -20,6 +20,8 @@ from tests.models import tiny_inputs, tiny_model
         ("bert", 4, "transformers"),  # all heads kept, FFN narrowed
         ("bert", 2, "raffm"),  # BERT derives head size from the head count
         ("distilbert", 4, "transformers"),
+        ("gpt2", 4, "transformers"),  # n_inner carries the FFN width
+        ("gpt2", 2, "raffm"),  # GPT-2 derives head size from n_head
     ],
 )
 def test_export_round_trip(family, heads, expected_format, tmp_path):

@@ -56,7 +56,7 @@ def test_inference_memory_matches_a_hand_count():
     assert profile.memory_mb(layout, spec) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("family", ["bert", "vit", "llama"])
+@pytest.mark.parametrize("family", ["bert", "vit", "llama", "gpt2"])
 def test_memory_budget_with_inference_profile_picks_a_maximal_fitting_width(family):
     model = tiny_model(family)
     layout = R.describe(model)

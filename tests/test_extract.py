@@ -13,7 +13,7 @@ import torch
 import transformers as T
 
 import raffm_core as R
-from tests.models import FAMILY_NAMES, tiny_inputs, tiny_model
+from tests.models import FAMILY_NAMES, LINEAR_FAMILIES, tiny_inputs, tiny_model
 
 
 def _heads(model) -> tuple[int, int]:
@@ -48,7 +48,7 @@ def _rows(width, block: int) -> np.ndarray:
     return np.array([u * block + j for u in units for j in range(block)])
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)  # GPT-2: tests/test_gpt2.py
 def test_extracted_weights_equal_manual_slices(family):
     model, layout, spec, sub = _prioritized_and_extracted(family)
     n_q, n_kv = _heads(model)
@@ -80,7 +80,7 @@ def test_extracted_weights_equal_manual_slices(family):
     assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", LINEAR_FAMILIES)  # GPT-2: tests/test_gpt2.py
 def test_submodel_computes_the_full_model_with_removed_units_zeroed(family):
     """Oracle: dropping a head or neuron equals zeroing its output-projection columns."""
     model, layout, spec, sub = _prioritized_and_extracted(family)

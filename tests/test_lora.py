@@ -14,6 +14,7 @@ from tests.models import tiny_inputs, tiny_model
 TARGETS = {
     "llama": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
     "bert": ["query", "value", "dense"],  # "dense" hits attention output, intermediate, output
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D; "c_proj" hits attention and FFN outputs
 }
 
 
@@ -39,7 +40,7 @@ def _spec(layout):
     )
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
 def test_sliced_adapters_merge_to_slices_of_the_merged_full_model(family):
     base = tiny_model(family)
     R.prioritize(base)

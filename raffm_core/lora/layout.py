@@ -1,10 +1,11 @@
 """LoRA adapters on sub-models: which adapter tensors share which elastic axis.
 
-A LoRA adapter on ``W`` (``(out, in)``) adds ``B @ A`` with ``A`` of shape
-``(r, in)`` and ``B`` of shape ``(out, r)``. When the sub-model keeps rows
-``I`` of ``W`` (Q, K, V, up, gate), it keeps rows ``I`` of ``B`` and all of
-``A``; when it keeps columns ``J`` (attention output, down projection), it keeps
-columns ``J`` of ``A`` and all of ``B``. :func:`with_lora` adds exactly these
+A LoRA adapter on ``W`` (``(out, in)``; GPT-2's ``Conv1D`` stores it as
+``(in, out)``) adds ``B @ A`` with ``A`` of shape ``(r, in)`` and ``B`` of
+shape ``(out, r)``, for either layout. When the sub-model keeps outputs ``I``
+of ``W`` (Q, K, V or a fused QKV, up, gate), it keeps rows ``I`` of ``B`` and
+all of ``A``; when it keeps inputs ``J`` (attention output, down projection),
+it keeps columns ``J`` of ``A`` and all of ``B``. :func:`with_lora` adds exactly these
 couplings to a :class:`ModelLayout`, so :meth:`ModelLayout.slices`,
 :func:`raffm_core.permute_state` and :func:`raffm_core.aggregate` handle
 adapter tensors like any other.
@@ -23,7 +24,7 @@ from ..errors import UnsupportedModelError
 from ..layout import Coupled, LayerLayout, ModelLayout
 
 PEFT_PREFIX = "base_model.model."
-ROW_ROLES = ("query", "key", "value")  # plus every "ffn_in.N"
+ROW_ROLES = ("query", "key", "value", "qkv")  # plus every "ffn_in.N"
 COLUMN_ROLES = ("attn_out", "ffn_out")
 
 
@@ -68,14 +69,16 @@ def with_lora(layout: ModelLayout, target_modules: Iterable[str], rank: int) -> 
         heads, ffn = list(layer.heads), list(layer.ffn)
         for role, path in _targets(layer, targets).items():
             out, inp = layout.shapes[path + ".weight"]
+            if layout.family.transposed:  # Conv1D weight is (in, out)
+                out, inp = inp, out
             a_key, b_key = path + ".lora_A.weight", path + ".lora_B.weight"
             shapes[a_key], shapes[b_key] = (rank, inp), (out, rank)
             base = coupled[path + ".weight"]
             axis_list = heads if base in layer.heads else ffn
             if role in COLUMN_ROLES:
-                axis_list.append(Coupled(a_key, 1, base.block))
+                axis_list.append(Coupled(a_key, 1, base.block, base.offsets))
             else:
-                axis_list.append(Coupled(b_key, 0, base.block))
+                axis_list.append(Coupled(b_key, 0, base.block, base.offsets))
         layers.append(dataclasses.replace(layer, heads=tuple(heads), ffn=tuple(ffn)))
     return dataclasses.replace(layout, shapes=shapes, layers=tuple(layers))
 

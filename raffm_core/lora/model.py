@@ -38,6 +38,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import SpecError
 from ..extract import build_submodel, model_class
+from ..families import find_family
 from ..layout import ModelLayout
 from ..prioritize import Permutation
 from ..spec import LayerSpec, SubnetSpec, state_mismatch
@@ -70,7 +71,10 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings) -> peft.PeftMode
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = peft.get_peft_model(model, settings.peft_config())
+    config = settings.peft_config()
+    # peft merges B A into a Conv1D weight, stored (in, out), only if told so.
+    config.fan_in_fan_out = find_family(model.config.model_type).transposed
+    wrapped = peft.get_peft_model(model, config)
     for name, p in wrapped.base_model.model.named_parameters():
         if is_head_key(name):
             p.requires_grad_(True)

@@ -70,5 +70,7 @@ def parse_target_modules(text: str) -> tuple[str, ...]:
 
 
 def default_target_modules(family: Family) -> tuple[str, ...]:
-    """The family's query and value projections (``query,value``; ``q_proj,v_proj``)."""
-    return (family.query.rpartition(".")[2], family.value.rpartition(".")[2])
+    """The family's query and value projections (``query,value``; ``q_proj,v_proj``;
+    GPT-2's fused ``c_attn``)."""
+    names = (family.query.rpartition(".")[2], family.value.rpartition(".")[2])
+    return tuple(dict.fromkeys(names))

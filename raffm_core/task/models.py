@@ -75,8 +75,16 @@ def resolve_model_source(name: str) -> str:
 
 
 def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model_name`` (see :func:`resolve_model_source`); no weights."""
-    return AutoTokenizer.from_pretrained(resolve_model_source(model_name))
+    """The tokenizer of ``model_name`` (see :func:`resolve_model_source`); no weights.
+
+    A tokenizer without a padding token (GPT-2's) pads with its EOS token, the
+    usual choice: padded positions are masked out of attention and loss.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(model_name))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        logger.info("%s has no padding token; padding with EOS %r", model_name, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 TINY_VIT = "vit-tiny:"
@@ -283,4 +291,8 @@ def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedMode
         ignore_mismatched_sizes=True,
         **labels,
     )
+    if model.config.pad_token_id is None:
+        # GPT-2's classifier reads the last token that is not padding, so it
+        # must know the padding id the tokenizer uses (:func:`load_tokenizer`).
+        model.config.pad_token_id = load_tokenizer(model_name).pad_token_id
     return model.eval()
