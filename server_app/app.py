@@ -137,10 +137,10 @@ class CentralEvaluator:
             return None
         state = arrays.to_torch_state_dict()
         self.load(state)
-        metrics = evaluate_model(self.model, self.loader, self.task)
+        metrics = evaluate_model(self.model, self.loader, self.task, self.tokenizer)
         score = metrics[self.task.primary_metric]
         if self.validation is not None:
-            scores = evaluate_model(self.model, self.validation, self.task)
+            scores = evaluate_model(self.model, self.validation, self.task, self.tokenizer)
             metrics.update({f"{VALIDATION_PREFIX}{k}": v for k, v in scores.items()})
             score = scores[self.task.primary_metric]
         if score > self.best_score:
