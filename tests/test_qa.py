@@ -346,3 +346,24 @@ def test_nodes_hold_whole_questions_never_a_window_of_another_nodes_question(tmp
     assert all(held) and not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
     total = sum(len(load_local_data(cfg, p, 3, 16).train) for p in range(3))
     assert total > sum(map(len, held))  # some questions have several windows, all on one node
+
+
+@pytest.mark.parametrize("budget", ["params=0.6", "params=1.0"])
+def test_an_exported_qa_sub_model_reloads_and_gives_the_same_answers(tmp_path, budget):
+    from raffm_core.deploy import export_submodel
+
+    tok = tiny_tokenizer(WORDS)
+    model = tiny_qa_model("bert", len(tok), seed=2)
+    R.prioritize(model)
+    spec = R.select_subnet(R.describe(model), budget)
+    export_submodel(model, spec, tmp_path / "out")
+    reloaded = R.load_submodel(tmp_path / "out")
+    assert isinstance(reloaded, T.BertForQuestionAnswering)
+    settings = QASettings(doc_stride=4)
+    enc = encode_qa(datasets.Dataset.from_list(squad_rows(12, seed=3)), tok, 16, settings)
+    loader = make_loader(enc, tok, 8)
+    sub = R.extract_submodel(model, spec)
+    assert evaluate_qa(reloaded, loader, settings) == evaluate_qa(sub, loader, settings)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).start_logits, sub(**batch).start_logits)

@@ -280,7 +280,9 @@ def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedMode
     if task.kind == EXTRACTIVE_QA:  # a new seeded span head unless the checkpoint has one
         check_qa_model(model_name, load_model_config(model_name).model_type)
         return transformers.AutoModelForQuestionAnswering.from_pretrained(
-            source, num_labels=2, ignore_mismatched_sizes=True  # start and end logits
+            source,
+            num_labels=2,
+            ignore_mismatched_sizes=True,  # start and end logits
         ).eval()
     labels = (
         {}
