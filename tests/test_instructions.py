@@ -196,6 +196,7 @@ def test_a_missing_column_is_named_with_the_columns_there_are(tmp_path):
     [
         ({"response-column": "Answer"}, "needs a prompt-template"),
         ({"response-column": "a", "prompt-template": "{q}", "task": "auto"}, "generative tasks"),
+        ({"prompt-template": "{text}", "task": "classification"}, "is for generative tasks"),
         ({"prompt-template": "no fields"}, "names no column"),
         ({"prompt-template": "{unclosed"}, "not a str.format template"),
         ({"max-new-tokens": 0}, "max-new-tokens = 0, expected >= 1"),

@@ -367,3 +367,22 @@ def test_an_exported_qa_sub_model_reloads_and_gives_the_same_answers(tmp_path, b
     batch = next(iter(loader))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).start_logits, sub(**batch).start_logits)
+
+
+def test_the_nested_official_squad_json_is_an_error_that_says_what_layout_is_expected(tmp_path):
+    path = tmp_path / "train-v1.1.json"
+    nested = {"paragraphs": [{"context": "x", "qas": []}], "title": "t"}
+    path.write_text(json.dumps([{"version": "1.1", "data": nested}]))
+    cfg = RunConfig(task="extractive-qa", dataset=str(path), partitioner="iid")
+    with pytest.raises(DataError, match="nested SQuAD json"):
+        load_task(RunConfig(**{**cfg.__dict__, "model_name": str(save_qa_folder(tmp_path / "m"))}))
+
+
+def test_under_lora_the_span_head_trains_and_travels_with_the_adapters():
+    from raffm_core.lora import LoraSettings, attach_lora, is_head_key
+
+    model = tiny_qa_model("bert", 61)
+    wrapped = attach_lora(model, LoraSettings(rank=2, target_modules=("query", "value")))
+    trainable = {n for n, p in wrapped.base_model.model.named_parameters() if p.requires_grad}
+    assert {"qa_outputs.weight", "qa_outputs.bias"} <= trainable
+    assert is_head_key("qa_outputs.weight")

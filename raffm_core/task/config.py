@@ -250,6 +250,16 @@ class RunConfig:
                 f"response-column = {self.response_column!r} is for generative tasks "
                 f"(task = 'causal-lm'), got task = {self.task!r}"
             )
+        if self.prompt_template and self.task in (
+            "auto",
+            CLASSIFICATION,
+            REGRESSION,
+            EXTRACTIVE_QA,
+        ):
+            raise ConfigError(
+                f"prompt-template = {self.prompt_template!r} is for generative tasks "
+                f"(task = 'causal-lm'), got task = {self.task!r}"
+            )
         if self.response_column and not self.prompt_template:
             raise ConfigError(
                 f"response-column = {self.response_column!r} needs a prompt-template over the "

@@ -105,6 +105,12 @@ def _normalize(cfg: RunConfig) -> Any:
     }
 
     def normalize(ds: datasets.Dataset, spec: DatasetSpec, name: str) -> datasets.Dataset:
+        if {"data", "version"} <= set(ds.column_names) and QUESTION not in ds.column_names:
+            raise DataError(
+                f"{name}: this is the nested SQuAD json (data/paragraphs/qas); give one row "
+                "per question with id, question, context and answers (the hub's 'squad' "
+                "layout), e.g. as jsonl"
+            )
         return take_columns(ds, wanted, name)
 
     return normalize
