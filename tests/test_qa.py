@@ -386,3 +386,29 @@ def test_under_lora_the_span_head_trains_and_travels_with_the_adapters():
     trainable = {n for n, p in wrapped.base_model.model.named_parameters() if p.requires_grad}
     assert {"qa_outputs.weight", "qa_outputs.bias"} <= trainable
     assert is_head_key("qa_outputs.weight")
+
+
+def test_a_tiny_qa_model_learns_squad_v2_and_abstains_where_there_is_no_answer():
+    """Contexts without a color are unanswerable; the null score must win there, and only there."""
+    from client_app.training import TrainSettings, train_submodel
+
+    tok = tiny_tokenizer(WORDS)
+    settings = QASettings(doc_stride=8, unanswerable=True)
+    rows = squad_rows(260, seed=5, unanswerable=0.3)
+    train = encode_qa(datasets.Dataset.from_list(rows[:200]), tok, 24, settings)
+    test = encode_qa(datasets.Dataset.from_list(rows[200:]), tok, 24, settings)
+    model = tiny_qa_model("bert", len(tok))
+    before = evaluate_qa(model, make_loader(test, tok, 32), settings)
+    steps = TrainSettings(
+        lr=3e-3,
+        local_steps=150,
+        local_epochs=0,
+        batch_size=16,
+        weight_decay=0.0,
+        proximal_mu=0.0,
+        seed=0,
+    )
+    train_submodel(model, train, tok, steps)
+    after = evaluate_qa(model, make_loader(test, tok, 32), settings)
+    assert after["has-ans-f1"] >= 0.8 and after["no-ans-f1"] >= 0.8, after
+    assert after["f1"] >= before["f1"] + 0.5, (before, after)
