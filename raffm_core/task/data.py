@@ -299,6 +299,23 @@ def build_splits(
     task = _task_of(train, spec.task)
     if task.kind != REGRESSION and task.num_labels < 2:
         raise DataError(f"classification needs at least 2 labels, found {task.label_names}")
+    splits = _carve(spec, train, task, load_split, normalize)
+    validation = splits.validation
+    if validation is not None:
+        validation = _encode_labels(validation, task, "validation split")
+    train = _encode_labels(splits.train, task, f"split {spec.train_split!r}")
+    test = _encode_labels(splits.test, task, f"split {spec.test_split or 'test'!r}")
+    return Splits(train, test, task, validation)
+
+
+def _carve(
+    spec: DatasetSpec,
+    train: datasets.Dataset,
+    task: TaskInfo,
+    load_split: Callable[[DatasetSpec, str], datasets.Dataset],
+    normalize: Callable[[datasets.Dataset, DatasetSpec, str], datasets.Dataset],
+) -> Splits:
+    """``train`` with the test split (loaded, or carved out) and the validation split set aside."""
     if spec.test_split:
         test = normalize(load_split(spec, spec.test_split), spec, f"split {spec.test_split!r}")
     else:
@@ -312,35 +329,6 @@ def build_splits(
         parts = train.train_test_split(
             test_size=spec.validation_fraction,
             seed=spec.seed + 1,  # independent of the test carve-out
-            keep_in_memory=not train.cache_files,
-        )
-        train, validation = parts["train"], parts["test"]
-        validation = _encode_labels(validation, task, "validation split")
-    train = _encode_labels(train, task, f"split {spec.train_split!r}")
-    test = _encode_labels(test, task, f"split {spec.test_split or 'test'!r}")
-    return Splits(train, test, task, validation)
-
-
-def _carve(
-    spec: DatasetSpec,
-    train: datasets.Dataset,
-    task: TaskInfo,
-    load_split: Callable[[DatasetSpec, str], datasets.Dataset],
-    normalize: Callable[[datasets.Dataset, DatasetSpec, str], datasets.Dataset],
-) -> Splits:
-    """Test and validation splits as :func:`build_splits` carves them, labels untouched."""
-    if spec.test_split:
-        test = normalize(load_split(spec, spec.test_split), spec, f"split {spec.test_split!r}")
-    else:
-        parts = train.train_test_split(
-            test_size=spec.test_fraction, seed=spec.seed, keep_in_memory=not train.cache_files
-        )
-        train, test = parts["train"], parts["test"]
-    validation = None
-    if spec.validation_fraction > 0:
-        parts = train.train_test_split(
-            test_size=spec.validation_fraction,
-            seed=spec.seed + 1,
             keep_in_memory=not train.cache_files,
         )
         train, validation = parts["train"], parts["test"]

@@ -106,7 +106,7 @@ def make_loader(
     """
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer.make_loader(ds, batch_size, shuffle=shuffle, seed=seed)
-    if "labels" not in ds.column_names:  # extractive QA: span targets
+    if SPAN_TARGETS[0] in ds.column_names:  # extractive QA: span targets, no labels
         return DataLoader(
             ds,
             batch_size=batch_size,
