@@ -181,7 +181,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         len(splits.train),
         0 if splits.validation is None else len(splits.validation),
         len(splits.test),
-        len(held_out),
+        len(scored),  # examples: a question of extractive QA may have several windows
         splits.task.kind,
         list(splits.task.label_names),
     )
