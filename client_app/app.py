@@ -145,7 +145,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         loader = make_loader(
             job.data.test, job.data.tokenizer, config_value(job.config, BATCH_SIZE, int)
         )
-        metrics = evaluate_model(job.model, loader, job.data.task)
+        metrics = evaluate_model(job.model, loader, job.data.task, job.data.tokenizer)
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -26,7 +26,7 @@ from flwr.common.logger import log
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from raffm_core.task import Task, load_task
-from raffm_core.task.config import REGRESSION, ConfigError, RunConfig
+from raffm_core.task.config import ConfigError, RunConfig
 from raffm_core.task.data import LABEL, TaskInfo
 from raffm_core.task.device import auto_budget, measure_memory
 from raffm_core.task.keys import BUDGET, NUM_PARTITIONS, PARTITION_ID
@@ -211,9 +211,9 @@ def _task(cfg: RunConfig) -> Task:
 @lru_cache(maxsize=4)
 def _partitioners(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, datasets.Dataset]:
     splits = _task(cfg).splits
-    if cfg.partitioner == "dirichlet" and splits.task.kind == REGRESSION:
+    if cfg.partitioner == "dirichlet" and not splits.task.has_class_labels:
         raise ConfigError(
-            "partitioner = 'dirichlet' splits by class label; a regression "
+            f"partitioner = 'dirichlet' splits by class label; a {splits.task.kind} "
             "task has none, use partitioner = 'iid'"
         )
     train = build_partitioner(cfg, num_partitions, len(splits.train))

@@ -154,8 +154,9 @@ def train_submodel(
                     inputs = {k: v for k, v in batch.items() if k != "labels"}
                     logits = model(**inputs).logits.float().masked_fill(absent, float("-inf"))
                     loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
-            total_loss += float(loss.detach()) * len(batch["labels"])
-            seen += len(batch["labels"])
+            n = len(batch["input_ids" if "input_ids" in batch else "pixel_values"])
+            total_loss += float(loss.detach()) * n
+            seen += n
             if anchor is not None:
                 drift = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + settings.proximal_mu / 2 * drift
@@ -174,7 +175,7 @@ def _absent_labels(model: PreTrainedModel, dataset: datasets.Dataset) -> torch.T
     InstructionError
         If the task is not single-label classification (one integer label each).
     """
-    feature = dataset.features["labels"]
+    feature = dataset.features.get("labels")
     if not isinstance(feature, datasets.Value) or not feature.dtype.startswith("int"):
         raise InstructionError(
             f"masked-loss needs one integer class label per example, the labels are {feature}"

@@ -65,9 +65,9 @@ from raffm_core import (  # noqa: E402
 from raffm_core.deploy import export_submodel  # noqa: E402
 from raffm_core.errors import DataError  # noqa: E402
 from raffm_core.extract import model_class  # noqa: E402
-from raffm_core.task import load_splits_of, task_spec  # noqa: E402
+from raffm_core.task import load_run_splits  # noqa: E402
 from raffm_core.task.config import ConfigError, RunConfig, key_of  # noqa: E402
-from raffm_core.task.encode import encode, make_loader, sort_by_length, take  # noqa: E402
+from raffm_core.task.encode import encode_task, make_loader, sort_by_length, take  # noqa: E402
 from raffm_core.task.metrics import evaluate_model  # noqa: E402
 from raffm_core.task.models import (  # noqa: E402
     image_tokens,
@@ -115,10 +115,9 @@ def load_trained(model_dir: Path, cfg: RunConfig, batch_size: int, seq_len: int)
     prioritize(model, cfg.salience_norm)
     image = is_image_model(str(model_dir))
     preprocessor = load_pixel_processor(str(model_dir)) if image else load_tokenizer(str(model_dir))
-    splits = load_splits_of(task_spec(cfg))
-    held_out = sort_by_length(
-        encode(take(splits.test, cfg.eval_max_examples, cfg.seed), preprocessor, cfg.max_length)
-    )
+    splits = load_run_splits(cfg)  # the run's task: labelled text, images, QA, instructions
+    scored = take(splits.test, cfg.eval_max_examples, cfg.seed)
+    held_out = sort_by_length(encode_task(scored, preprocessor, cfg.max_length, splits.task))
     loader = make_loader(held_out, preprocessor, cfg.eval_batch_size)
     seq_len = seq_len or (image_tokens(config) if image else cfg.max_length)
     return Trained(model, preprocessor, loader, splits.task, InferenceProfile(batch_size, seq_len))
@@ -130,7 +129,7 @@ def describe_fit(trained: Trained, spec: SubnetSpec) -> dict[str, Any]:
     sub = extract_submodel(trained.model, spec)
     started = time.perf_counter()
     with torch.no_grad():
-        metrics = evaluate_model(sub, trained.loader, trained.task)
+        metrics = evaluate_model(sub, trained.loader, trained.task, trained.preprocessor)
     return {
         "params": layout.count_params(spec),
         "params-fraction": layout.count_params(spec) / layout.total_params,

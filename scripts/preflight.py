@@ -155,6 +155,8 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     )
     if task.info.kind == "causal-lm":
         auto = transformers.AutoModelForCausalLM
+    if task.info.kind == "extractive-qa":  # start and end logits
+        auto, config.num_labels = transformers.AutoModelForQuestionAnswering, 2
     with torch.device("meta"):
         layout = describe(auto.from_config(config))
     errors = []

@@ -137,10 +137,10 @@ class CentralEvaluator:
             return None
         state = arrays.to_torch_state_dict()
         self.load(state)
-        metrics = evaluate_model(self.model, self.loader, self.task)
+        metrics = evaluate_model(self.model, self.loader, self.task, self.tokenizer)
         score = metrics[self.task.primary_metric]
         if self.validation is not None:
-            scores = evaluate_model(self.model, self.validation, self.task)
+            scores = evaluate_model(self.model, self.validation, self.task, self.tokenizer)
             metrics.update({f"{VALIDATION_PREFIX}{k}": v for k, v in scores.items()})
             score = scores[self.task.primary_metric]
         if score > self.best_score:
@@ -181,7 +181,7 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         len(splits.train),
         0 if splits.validation is None else len(splits.validation),
         len(splits.test),
-        len(held_out),
+        len(scored),  # examples: a question of extractive QA may have several windows
         splits.task.kind,
         list(splits.task.label_names),
     )

@@ -46,9 +46,9 @@ from .layout import from_peft_keys, to_peft_keys
 from .settings import LoraSettings
 from .weights import read_base_slices
 
-HEAD_MODULES = ("classifier", "score")
-"""Top-level modules that hold a freshly initialized task head (as peft's SEQ_CLS
-``modules_to_save``): trained and sent along with the adapters."""
+HEAD_MODULES = ("classifier", "score", "qa_outputs")
+"""Top-level modules that hold a freshly initialized task head (as peft's SEQ_CLS and
+QUESTION_ANS ``modules_to_save``): trained and sent along with the adapters."""
 
 ADAPTER_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 

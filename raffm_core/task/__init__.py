@@ -14,7 +14,10 @@ Modules
 ``data``      dataset sources, labels and splits (text; shared split routine)
 ``images``    image dataset sources
 ``pixels``    images to ``pixel_values``
-``prompts``   instruction-style prompts for causal LMs
+``prompts``   polarity prompts for causal LMs
+``instructions`` prompt/response data for causal LMs, generated-answer exact match
+``qa``        extractive QA (SQuAD v1.1/v2.0): data, sliding windows
+``qa_metrics`` SQuAD post-processing, exact match and F1
 ``encode``    tokenizing, batching, sampling
 ``metrics``   scoring on a held-out split
 ``device``    what memory a node may use (``budget = "auto"``)
@@ -23,16 +26,27 @@ Modules
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import datasets
 from transformers import PreTrainedModel
 
-from .config import RunConfig
+from ..errors import DataError
+from .config import CAUSAL_LM, EXTRACTIVE_QA, RunConfig
 from .data import IMAGE_MODALITY, TEXT_MODALITY, DatasetSpec, Splits, TaskInfo, load_splits
 from .encode import encode_task
 from .images import load_image_splits
-from .models import Preprocessor, is_image_model, load_model, load_preprocessor, tokens_per_example
+from .instructions import PromptTemplate, load_instruction_splits
+from .models import (
+    Preprocessor,
+    is_image_model,
+    load_model,
+    load_model_config,
+    load_preprocessor,
+    tokens_per_example,
+)
+from .qa import check_qa_model, load_qa_splits
 
 __all__ = ["DatasetSpec", "RunConfig", "Splits", "Task", "TaskInfo", "load_task", "task_spec"]
 
@@ -93,4 +107,32 @@ def load_task(cfg: RunConfig) -> Task:
         If the dataset, a split or a column is missing, or the labels do not
         fit the task.
     """
-    return Task(cfg.model_name, load_splits_of(task_spec(cfg)), load_preprocessor(cfg.model_name))
+    return Task(cfg.model_name, load_run_splits(cfg), load_preprocessor(cfg.model_name))
+
+
+def load_run_splits(cfg: RunConfig) -> Splits:
+    """The run's splits: SQuAD-format for ``extractive-qa``, prompt/response data for
+    ``causal-lm`` with ``response-column``, else labelled text or images.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For ``extractive-qa`` with a model that has no span head here (a decoder).
+    DataError
+        As :func:`load_task`.
+    """
+    if cfg.task == EXTRACTIVE_QA:
+        check_qa_model(cfg.model_name, load_model_config(cfg.model_name).model_type)
+        return load_qa_splits(cfg)
+    if cfg.task == CAUSAL_LM and cfg.response_column:
+        return load_instruction_splits(cfg)
+    splits = load_splits_of(task_spec(cfg))
+    if cfg.task == CAUSAL_LM and cfg.prompt_template:  # polarity prompts, own template
+        if "{text}" not in cfg.prompt_template:
+            raise DataError(
+                f"prompt-template = {cfg.prompt_template!r}: polarity prompts (no "
+                "response-column) need a {text} field for the sentence"
+            )
+        task = dataclasses.replace(splits.task, settings=PromptTemplate(cfg.prompt_template))
+        splits = dataclasses.replace(splits, task=task)
+    return splits

@@ -10,6 +10,7 @@ for ``-``. Its defaults equal the ones in ``pyproject.toml``
 from __future__ import annotations
 
 import dataclasses
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +35,11 @@ STRATEGIES = (RAFFM, FEDAVG, HETEROFL, FEDROLEX)
 PARTITIONERS = ("iid", "dirichlet")
 BUDGET_ASSIGNMENTS = ("round-robin", "random")
 CLASSIFICATION, REGRESSION, CAUSAL_LM = "classification", "regression", "causal-lm"
-TASKS = ("auto", CLASSIFICATION, REGRESSION, CAUSAL_LM)
-"""``task`` values; ``causal-lm`` is instruction-style fine-tuning on a labelled split."""
+EXTRACTIVE_QA = "extractive-qa"
+TASKS = ("auto", CLASSIFICATION, REGRESSION, CAUSAL_LM, EXTRACTIVE_QA)
+"""``task`` values; ``causal-lm`` is instruction-style fine-tuning (polarity prompts made
+from a labelled split, or any prompt/response data with ``response-column``);
+``extractive-qa`` is SQuAD-style span extraction (:mod:`raffm_core.task.qa`)."""
 
 PRECISIONS = ("no", "bf16")
 NO_PEFT, LORA = "none", "lora"
@@ -44,6 +48,7 @@ PEFT_METHODS = (NO_PEFT, LORA)
 __all__ = [
     "BUDGET_ASSIGNMENTS",
     "CAUSAL_LM",
+    "EXTRACTIVE_QA",
     "EMBEDDED_MINILM",
     "EMBEDDED_SMOLLM2",
     "PARTITIONERS",
@@ -100,6 +105,19 @@ class RunConfig:
     label_column: str = "label"
     image_column: str = "image"
     task: str = "auto"
+    # instruction data (causal-lm; raffm_core/task/instructions.py)
+    prompt_template: str = ""
+    response_column: str = ""
+    max_new_tokens: int = 16
+    # extractive question answering (raffm_core/task/qa.py)
+    id_column: str = "id"
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = "answers"
+    doc_stride: int = 16
+    max_answer_length: int = 30
+    n_best: int = 20
+    null_score_threshold: float = 0.0
     train_split: str = "train"
     test_split: str = ""
     test_fraction: float = 0.2
@@ -166,8 +184,13 @@ class RunConfig:
             "rolling_step",
             "min_replies",
             "eval_every",
+            "max_new_tokens",
+            "doc_stride",
+            "max_answer_length",
+            "n_best",
         ):
             self._check_range(name, getattr(self, name) >= 1, ">= 1")
+        self._check_task_columns()
         for name in (
             "min_train_nodes",
             "min_evaluate_nodes",
@@ -209,6 +232,52 @@ class RunConfig:
             raise ConfigError("budget-profile is empty; expected e.g. 'params=0.6,params=1.0'")
         if not self.dataset:
             raise ConfigError("dataset is empty; expected a hub name or a csv/json/parquet path")
+
+    def _check_task_columns(self) -> None:
+        """The instruction and question-answering keys fit the task."""
+        if self.task == EXTRACTIVE_QA and self.doc_stride >= self.max_length:
+            raise ConfigError(
+                f"doc-stride = {self.doc_stride} must be below max-length = {self.max_length} "
+                "(it is the overlap, in tokens, of consecutive windows over a long context)"
+            )
+        if self.response_column and self.task in (
+            "auto",
+            CLASSIFICATION,
+            REGRESSION,
+            EXTRACTIVE_QA,
+        ):
+            raise ConfigError(
+                f"response-column = {self.response_column!r} is for generative tasks "
+                f"(task = 'causal-lm'), got task = {self.task!r}"
+            )
+        if self.prompt_template and self.task in (
+            "auto",
+            CLASSIFICATION,
+            REGRESSION,
+            EXTRACTIVE_QA,
+        ):
+            raise ConfigError(
+                f"prompt-template = {self.prompt_template!r} is for generative tasks "
+                f"(task = 'causal-lm'), got task = {self.task!r}"
+            )
+        if self.response_column and not self.prompt_template:
+            raise ConfigError(
+                f"response-column = {self.response_column!r} needs a prompt-template over the "
+                "dataset's columns, e.g. '{Body} {Question}\\nAnswer:'"
+            )
+        if self.prompt_template:
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f]
+            except ValueError as err:
+                raise ConfigError(
+                    f"prompt-template = {self.prompt_template!r} is not a str.format "
+                    f"template: {err}"
+                ) from None
+            if not fields:
+                raise ConfigError(
+                    f"prompt-template = {self.prompt_template!r} names no column; expected "
+                    "fields such as {text} or {question}"
+                )
 
     @property
     def budget_tiers(self) -> tuple[str, ...]:

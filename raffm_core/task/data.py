@@ -116,13 +116,24 @@ class TaskInfo:
 
     Attributes
     ----------
-    kind : {"classification", "regression", "causal-lm"}
+    kind : {"classification", "regression", "causal-lm", "extractive-qa"}
     label_names : tuple of str
-        Class names in label-index order; empty for regression.
+        Class names in label-index order; empty for regression, question
+        answering and instruction data.
+    settings : object, optional
+        The task's own settings: :class:`raffm_core.task.qa.QASettings` for
+        ``extractive-qa``, :class:`raffm_core.task.instructions.InstructionSettings`
+        for ``causal-lm`` on prompt/response data; ``None`` otherwise.
     """
 
     kind: str
     label_names: tuple[str, ...] = ()
+    settings: Any = None
+
+    @property
+    def has_class_labels(self) -> bool:
+        """Whether examples carry a class label (what a Dirichlet partitioner splits by)."""
+        return bool(self.label_names) and self.kind in (CLASSIFICATION, CAUSAL_LM)
 
     @property
     def num_labels(self) -> int:
@@ -135,6 +146,10 @@ class TaskInfo:
 
     @property
     def primary_metric(self) -> str:
+        """The summary's metric: Pearson's r, F1 (QA), exact match (instructions) or accuracy."""
+        metric = getattr(self.settings, "primary_metric", None)  # QA: F1; instructions: EM
+        if metric:
+            return metric
         return PEARSON if self.kind == REGRESSION else ACCURACY
 
 
@@ -269,16 +284,38 @@ def build_splits(
     spec: DatasetSpec,
     load_split: Callable[[DatasetSpec, str], datasets.Dataset],
     normalize: Callable[[datasets.Dataset, DatasetSpec, str], datasets.Dataset],
+    task_of: Callable[[datasets.Dataset], TaskInfo] | None = None,
 ) -> Splits:
     """The train and held-out splits of ``spec`` for one modality's loader and normalizer.
 
     An empty ``test_split`` carves ``test_fraction`` out of the
-    train split, seeded.
+    train split, seeded. ``task_of`` (the normalized train split to its task)
+    replaces label inference for tasks without class labels (question
+    answering, instruction data); their splits keep their columns as normalized.
     """
     train = normalize(load_split(spec, spec.train_split), spec, f"split {spec.train_split!r}")
+    if task_of is not None:
+        return _carve(spec, train, task_of(train), load_split, normalize)
     task = _task_of(train, spec.task)
     if task.kind != REGRESSION and task.num_labels < 2:
         raise DataError(f"classification needs at least 2 labels, found {task.label_names}")
+    splits = _carve(spec, train, task, load_split, normalize)
+    validation = splits.validation
+    if validation is not None:
+        validation = _encode_labels(validation, task, "validation split")
+    train = _encode_labels(splits.train, task, f"split {spec.train_split!r}")
+    test = _encode_labels(splits.test, task, f"split {spec.test_split or 'test'!r}")
+    return Splits(train, test, task, validation)
+
+
+def _carve(
+    spec: DatasetSpec,
+    train: datasets.Dataset,
+    task: TaskInfo,
+    load_split: Callable[[DatasetSpec, str], datasets.Dataset],
+    normalize: Callable[[datasets.Dataset, DatasetSpec, str], datasets.Dataset],
+) -> Splits:
+    """``train`` with the test split (loaded, or carved out) and the validation split set aside."""
     if spec.test_split:
         test = normalize(load_split(spec, spec.test_split), spec, f"split {spec.test_split!r}")
     else:
@@ -295,7 +332,4 @@ def build_splits(
             keep_in_memory=not train.cache_files,
         )
         train, validation = parts["train"], parts["test"]
-        validation = _encode_labels(validation, task, "validation split")
-    train = _encode_labels(train, task, f"split {spec.train_split!r}")
-    test = _encode_labels(test, task, f"split {spec.test_split or 'test'!r}")
     return Splits(train, test, task, validation)

@@ -17,9 +17,17 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from .config import CAUSAL_LM
+from .config import CAUSAL_LM, EXTRACTIVE_QA
 from .data import LABEL, TEXT, TEXT_PAIR, TaskInfo
-from .prompts import IGNORE_INDEX, encode_instructions, response_words
+from .instructions import INSTRUCTION_METADATA, InstructionSettings, PromptTemplate, encode_prompts
+from .prompts import IGNORE_INDEX, PROMPT_TEMPLATE, encode_instructions, response_words
+from .qa import QA_METADATA, encode_qa
+
+METADATA = (*QA_METADATA, *INSTRUCTION_METADATA)
+"""Encoded columns that scoring reads and batches leave out (never model inputs)."""
+
+SPAN_TARGETS = ("start_positions", "end_positions")
+"""Extractive QA's targets: token indices of the answer's first and last token."""
 
 
 def encode(
@@ -64,10 +72,22 @@ def derived_fingerprint(ds: datasets.Dataset, step: str, *settings: Any) -> str:
 def encode_task(
     ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, task: TaskInfo
 ) -> datasets.Dataset:
-    """:func:`encode`, or for ``causal-lm`` :func:`raffm_core.task.prompts.encode_instructions`."""
+    """:func:`encode`, or the task's own encoding.
+
+    ``extractive-qa``: :func:`raffm_core.task.qa.encode_qa` (windows);
+    ``causal-lm``: :func:`raffm_core.task.instructions.encode_prompts` for
+    prompt/response data, else the polarity prompts of
+    :func:`raffm_core.task.prompts.encode_instructions`.
+    """
+    if task.kind == EXTRACTIVE_QA:
+        return encode_qa(ds, tokenizer, max_length, task.settings)
     if task.kind != CAUSAL_LM:
         return encode(ds, tokenizer, max_length)
-    return encode_instructions(ds, tokenizer, max_length, response_words(task.label_names))
+    if isinstance(task.settings, InstructionSettings):
+        return encode_prompts(ds, tokenizer, max_length)
+    template = task.settings.template if isinstance(task.settings, PromptTemplate) else None
+    words = response_words(task.label_names)
+    return encode_instructions(ds, tokenizer, max_length, words, template or PROMPT_TEMPLATE)
 
 
 def make_loader(
@@ -86,14 +106,24 @@ def make_loader(
     """
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer.make_loader(ds, batch_size, shuffle=shuffle, seed=seed)
+    if SPAN_TARGETS[0] in ds.column_names:  # extractive QA: span targets, no labels
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+            collate_fn=lambda rows: _collate_spans(rows, tokenizer),
+        )
     feature = ds.features["labels"]
     per_token = isinstance(feature, (datasets.Sequence, datasets.List))
     regression = not per_token and feature.dtype.startswith("float")
+    left_out = ("labels", *METADATA)
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         labels = [row["labels"] for row in rows]
         batch = tokenizer.pad(
-            [{k: v for k, v in row.items() if k != "labels"} for row in rows], return_tensors="pt"
+            [{k: v for k, v in row.items() if k not in left_out} for row in rows],
+            return_tensors="pt",
         )
         if per_token:
             width = batch["input_ids"].shape[1]
@@ -107,6 +137,19 @@ def make_loader(
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate
     )
+
+
+def _collate_spans(
+    rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
+) -> dict[str, torch.Tensor]:
+    """A padded batch of QA windows with ``start_positions`` and ``end_positions``."""
+    left_out = (*SPAN_TARGETS, *METADATA)
+    batch = tokenizer.pad(
+        [{k: v for k, v in row.items() if k not in left_out} for row in rows], return_tensors="pt"
+    )
+    for key in SPAN_TARGETS:
+        batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.long)
+    return dict(batch)
 
 
 def cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:

@@ -48,6 +48,7 @@ PEAK_MEMORY_MB = "peak-memory-mb"
 LOSS = "loss"
 ACCURACY = "accuracy"
 F1 = "f1"
+EXACT_MATCH = "exact-match"  # extractive QA (with F1) and generated answers of instruction data
 PEARSON = "pearson"
 
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME_S, TRAIN_STEPS, PEAK_MEMORY_MB)

@@ -1,7 +1,10 @@
 """Scoring a model on a held-out split: loss and the task's metrics.
 
 Classification: accuracy and macro-F1; regression: Pearson's r; causal-LM:
-response-token loss, perplexity and exact-answer accuracy.
+response-token loss, perplexity and exact-answer accuracy, plus, on
+prompt/response data, exact match of generated answers
+(:mod:`raffm_core.task.instructions`); extractive QA: SQuAD exact match and F1
+(:mod:`raffm_core.task.qa_metrics`).
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError
-from .config import CAUSAL_LM, REGRESSION
+from .config import CAUSAL_LM, EXTRACTIVE_QA, REGRESSION
 from .data import TaskInfo
+from .instructions import InstructionSettings, evaluate_instructions
 from .keys import ACCURACY, F1, LOSS, NUM_EXAMPLES, PEARSON
 from .prompts import IGNORE_INDEX
+from .qa_metrics import evaluate_qa
 
 PERPLEXITY = "perplexity"
 
@@ -48,13 +54,34 @@ def compute_metrics(task: TaskInfo, outputs: np.ndarray, labels: np.ndarray) -> 
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, loader: DataLoader, task: TaskInfo) -> dict[str, float]:
-    """Mean loss and :func:`compute_metrics` of ``model`` over ``loader``, plus ``num-examples``.
+def evaluate_model(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    task: TaskInfo,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> dict[str, float]:
+    """Mean loss and the task's metrics of ``model`` over ``loader``, plus ``num-examples``.
 
-    The model is put in eval mode and left there.
+    Classification and regression: :func:`compute_metrics`; extractive QA:
+    :func:`raffm_core.task.qa_metrics.evaluate_qa`; causal LM:
+    :func:`evaluate_lm`, and on prompt/response data also the exact match of
+    answers generated with ``tokenizer`` (required there). The model is put
+    in eval mode and left there.
+
+    Raises
+    ------
+    DataError
+        If the split is empty, or prompt/response data comes without a tokenizer.
     """
+    if task.kind == EXTRACTIVE_QA:
+        return evaluate_qa(model, loader, task.settings)
     if task.kind == CAUSAL_LM:
-        return evaluate_lm(model, loader)
+        metrics = evaluate_lm(model, loader)
+        if not isinstance(task.settings, InstructionSettings):
+            return metrics
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise DataError("scoring generated answers needs the tokenizer to decode them")
+        return evaluate_instructions(model, loader, tokenizer, task.settings, metrics)
     model.eval()
     total_loss, count = 0.0, 0
     outputs: list[np.ndarray] = []

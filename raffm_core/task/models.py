@@ -39,9 +39,17 @@ from transformers import (
 )
 
 from ..errors import DataError
-from .config import CAUSAL_LM, CLASSIFICATION, EMBEDDED_MINILM, EMBEDDED_SMOLLM2, REGRESSION
+from .config import (
+    CAUSAL_LM,
+    CLASSIFICATION,
+    EMBEDDED_MINILM,
+    EMBEDDED_SMOLLM2,
+    EXTRACTIVE_QA,
+    REGRESSION,
+)
 from .data import TaskInfo
 from .pixels import PROCESSOR_FILE, PixelProcessor, processor_for
+from .qa import check_qa_model
 from .smollm2 import materialize_smollm2
 
 logger = logging.getLogger(__name__)
@@ -267,7 +275,8 @@ def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedMode
     """The pretrained model with a (seeded) head for ``task``, in eval mode.
 
     An image model gets :func:`load_image_model`; ``causal-lm`` keeps the LM
-    head (no new head: it answers with words); otherwise a sequence
+    head (no new head: it answers with words); ``extractive-qa`` an
+    ``AutoModelForQuestionAnswering`` of an encoder family; otherwise a sequence
     classifier (or regressor) with a new head for the task's labels.
     """
     if is_image_model(model_name):
@@ -276,6 +285,13 @@ def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedMode
     source = resolve_model_source(model_name)
     if task.kind == CAUSAL_LM:
         return transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+    if task.kind == EXTRACTIVE_QA:  # a new seeded span head unless the checkpoint has one
+        check_qa_model(model_name, load_model_config(model_name).model_type)
+        return transformers.AutoModelForQuestionAnswering.from_pretrained(
+            source,
+            num_labels=2,
+            ignore_mismatched_sizes=True,  # start and end logits
+        ).eval()
     labels = (
         {}
         if task.kind == REGRESSION

@@ -1,0 +1,49 @@
+"""The oracle of the federated runs: the global model changes only inside the slices nodes held.
+
+Shared by the simulation tests of the tasks (``save-round-models`` runs):
+outside the union of the accepted nodes' slices, the global model after a
+round equals the prioritized global model of the round before, bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from raffm_core import SubnetSpec, describe, permute_state, rank_units
+from tests.sim import read_json
+
+
+def load_round(run_dir: Path, round_: int, model_cls) -> tuple[torch.nn.Module, dict]:
+    """The saved global model of ``round_`` and a copy of its state dict."""
+    model = model_cls.from_pretrained(Path(run_dir) / "round-models" / f"round-{round_}")
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_changed_only_inside_held_slices(run_dir: Path, model_cls) -> None:
+    """Check every round of a run against the oracle; a round must change something.
+
+    Raises ``AssertionError`` if an element outside every held slice changed,
+    if nothing changed, or if the slices covered every element (vacuous).
+    """
+    rounds = read_json(run_dir, "rounds.json")
+    model, before = load_round(run_dir, 0, model_cls)
+    layout = describe(model)
+    for row in rounds[1:]:
+        _, after = load_round(run_dir, row["round"], model_cls)
+        prioritized = {k: v.clone() for k, v in before.items()}
+        permute_state(prioritized, layout, rank_units(prioritized, layout))
+        covered = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in before.items()}
+        for client in row["clients"]:
+            assert client["status"] == "accepted", client
+            spec = SubnetSpec.from_dict(client["spec"])
+            for key, shape in layout.sub_shapes(spec).items():
+                covered[key][tuple(slice(0, n) for n in shape)] = True  # prefix slices
+        changed = 0
+        for key in before:
+            assert torch.equal(after[key][~covered[key]], prioritized[key][~covered[key]]), key
+            changed += int((after[key] != prioritized[key]).sum())
+        assert changed > 0
+        assert sum(int((~c).sum()) for c in covered.values()) > 0
+        before = after
