@@ -100,7 +100,7 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     from raffm_core.select import select_subnet
     from raffm_core.task import load_task
     from raffm_core.task.config import RunConfig
-    from raffm_core.task.models import load_model_config, resolve_model_source
+    from raffm_core.task.models import load_model_config
 
     datasets.disable_progress_bars()
     defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -112,14 +112,8 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     # the model: its source and its family, from the config alone (no weights)
     try:
         config = load_model_config(cfg.model_name)
-    except OSError as err:
-        source = resolve_model_source(cfg.model_name)
-        shown = "" if source == cfg.model_name else f" ({source})"
-        raise PreflightError(
-            f"model-name = {cfg.model_name!r}{shown} is neither a local folder nor in the "
-            "Hugging Face cache, and the hub is offline here; give the path of a downloaded "
-            "model folder"
-        ) from err
+    except RaffmError as err:
+        raise PreflightError(str(err)) from err
     import torch
     import transformers
 
@@ -180,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
         check(overrides, args.nodes)
     except PreflightError as err:
-        print(f"preflight: {err}", file=sys.stderr)
+        print("preflight: " + " ".join(str(err).split()), file=sys.stderr)  # one line
         if args.verbose:
             traceback.print_exc()
         return 2

@@ -16,6 +16,14 @@ preflight = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(preflight)
 
 
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    """As HF_HUB_OFFLINE=1 does in run_local.sh (read at import, so before preflight's import)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("preflight")

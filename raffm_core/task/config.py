@@ -9,6 +9,7 @@ for ``-``. Its defaults equal the ones in ``pyproject.toml``
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ CLASSIFICATION, REGRESSION, CAUSAL_LM = "classification", "regression", "causal-
 TASKS = ("auto", CLASSIFICATION, REGRESSION, CAUSAL_LM)
 """``task`` values; ``causal-lm`` is instruction-style fine-tuning on a labelled split."""
 
+ENCODING_ERRORS = ("strict", "replace")
+"""``dataset-encoding-errors``: fail on undecodable bytes, or replace them with U+FFFD."""
+
 PRECISIONS = ("no", "bf16")
 NO_PEFT, LORA = "none", "lora"
 PEFT_METHODS = (NO_PEFT, LORA)
@@ -46,6 +50,7 @@ __all__ = [
     "CAUSAL_LM",
     "EMBEDDED_MINILM",
     "EMBEDDED_SMOLLM2",
+    "ENCODING_ERRORS",
     "PARTITIONERS",
     "PEFT_METHODS",
     "PRECISIONS",
@@ -94,6 +99,8 @@ class RunConfig:
     # data
     dataset: str = "data/polarity/polarity.csv"
     dataset_config: str = ""
+    dataset_encoding: str = "utf-8"
+    dataset_encoding_errors: str = "strict"
     text_column: str = "text"
     text_pair_column: str = ""
     label_column: str = "label"
@@ -147,6 +154,14 @@ class RunConfig:
         self._check_choice("budget_assignment", BUDGET_ASSIGNMENTS)
         self._check_choice("task", TASKS)
         self._check_choice("mixed_precision", PRECISIONS)
+        self._check_choice("dataset_encoding_errors", ENCODING_ERRORS)
+        try:
+            codecs.lookup(self.dataset_encoding)
+        except LookupError:
+            raise ConfigError(
+                f"dataset-encoding = {self.dataset_encoding!r} is not a known text encoding; "
+                "expected e.g. 'utf-8', 'latin-1', 'cp1252'"
+            ) from None
         self._check_choice("peft", PEFT_METHODS)
         self._check_range("lora_alpha", self.lora_alpha > 0, "> 0")
         self._check_range("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")

@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
 import transformers
 from transformers import (
@@ -74,9 +75,42 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
+def check_model_source(model_name: str, err: OSError) -> DataError:
+    """The error to raise when ``from_pretrained`` of ``model_name`` failed with ``err``.
+
+    A name that is not a local folder was looked up on the hub or in the local
+    HF cache; offline (``HF_HUB_OFFLINE``) ``transformers`` then only says
+    "check your internet connection", which names neither the model nor the cure.
+    """
+    source = resolve_model_source(model_name)
+    shown = "" if source == model_name else f" ({source})"
+    if Path(source).exists():
+        return DataError(f"model-name = {model_name!r}{shown}: cannot load it: {err}")
+    if huggingface_hub.is_offline_mode():
+        return DataError(
+            f"model-name = {model_name!r}{shown} is neither a local folder nor in the Hugging "
+            "Face cache, and the hub is offline here (HF_HUB_OFFLINE); give the path of a "
+            "downloaded model folder"
+        )
+    reason = " ".join(str(err).split())  # transformers' message spans several lines
+    return DataError(
+        f"model-name = {model_name!r}{shown} is not a local folder and could not be loaded "
+        f"from the Hugging Face hub or cache: {reason}"
+    )
+
+
 def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model_name`` (see :func:`resolve_model_source`); no weights."""
-    return AutoTokenizer.from_pretrained(resolve_model_source(model_name))
+    """The tokenizer of ``model_name`` (see :func:`resolve_model_source`); no weights.
+
+    Raises
+    ------
+    DataError
+        If the model is neither a local folder nor reachable (:func:`check_model_source`).
+    """
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_source(model_name))
+    except OSError as err:
+        raise check_model_source(model_name, err) from err
 
 
 TINY_VIT = "vit-tiny:"
@@ -153,10 +187,19 @@ def tiny_vit_config(name: str) -> ViTConfig:
 
 @lru_cache(maxsize=8)
 def load_model_config(model_name: str) -> PretrainedConfig:
-    """The config of ``model_name`` (``vit-tiny:...``, a path or a hub name); no weights."""
+    """The config of ``model_name`` (``vit-tiny:...``, a path or a hub name); no weights.
+
+    Raises
+    ------
+    DataError
+        If the model is neither a local folder nor reachable (:func:`check_model_source`).
+    """
     if model_name.startswith(TINY_VIT):
         return tiny_vit_config(model_name)
-    return transformers.AutoConfig.from_pretrained(resolve_model_source(model_name))
+    try:
+        return transformers.AutoConfig.from_pretrained(resolve_model_source(model_name))
+    except OSError as err:
+        raise check_model_source(model_name, err) from err
 
 
 @lru_cache(maxsize=16)
