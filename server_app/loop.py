@@ -7,6 +7,7 @@ A mixin of :class:`server_app.strategy.RaFFM`, which provides ``layout``,
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
@@ -15,6 +16,11 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from .nodes import query_budgets, wait_for_nodes
 from .records import NodeBudget, log_progress
+
+
+class NothingToTrain(RuntimeError):
+    """No node can train: the run would finish without ever changing the model."""
+
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundEndFn = Callable[[int, ArrayRecord, MetricRecord | None], None]
@@ -61,10 +67,23 @@ class RunLoop:
         )
 
     def prepare(self, grid: Grid, num_rounds: int) -> None:
-        """Before round 1: wait for nodes, query budgets; ``num_rounds`` is the last round."""
+        """Before round 1: wait for nodes, query budgets; ``num_rounds`` is the last round.
+
+        Raises
+        ------
+        NothingToTrain
+            If every node was skipped (its budget unparsable or below the
+            smallest sub-network, or no answer); the message counts the reasons.
+        """
         self.num_rounds = num_rounds
         wait_for_nodes(grid, self.min_available_nodes, self.query_timeout)
         self.query_budgets(grid)
+        if not self.nodes:
+            reasons = Counter(self.skipped.values())
+            shown = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(4))
+            raise NothingToTrain(
+                f"no node can train: all {len(self.skipped)} nodes were skipped ({shown})"
+            )
 
     def reporting(
         self, evaluate_fn: EvaluateFn | None, on_round_end: RoundEndFn | None
