@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from .nodes import query_budgets, wait_for_nodes
+from .progress import ProgressGrid
 from .records import NodeBudget, log_progress
 
 
@@ -41,7 +42,7 @@ class RunLoop:
         *,
         on_round_end: RoundEndFn | None = None,
     ) -> Result:
-        """Query budgets, then run Flower's loop; logs one progress line per round.
+        """Query budgets, then run Flower's loop; logs progress as replies arrive and per round.
 
         Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`,
         plus:
@@ -57,7 +58,7 @@ class RunLoop:
         self.prepare(grid, num_rounds)
         return Strategy.start(
             self,
-            grid,
+            ProgressGrid(grid),  # "round 2: 4 of 10 train replies" while a round waits
             initial_arrays,
             num_rounds,
             timeout,
