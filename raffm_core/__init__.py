@@ -55,7 +55,7 @@ from .extract import (
 from .families import FAMILIES, SUPPORTED_MODEL_TYPES, Family
 from .layout import ModelLayout, describe
 from .prioritize import Permutation, permute_state, prioritize, prioritize_state, rank_units
-from .select import select_subnet
+from .select import check_budgets, select_subnet
 from .server_opt import SERVER_UPDATES, ServerOptimizer
 from .spec import LayerSpec, SubnetSpec
 
@@ -90,6 +90,7 @@ __all__ = [
     "aggregate_with_coverage",
     "base_config",
     "build_submodel",
+    "check_budgets",
     "check_update",
     "describe",
     "export_submodel",

@@ -163,3 +163,55 @@ def select_subnet(
     if mode == LARGEST:
         return _largest(layout, budget, profile, limit)
     return _sample(layout, budget, profile, limit, np.random.default_rng(seed))
+
+
+def check_budgets(
+    model: PreTrainedModel | ModelLayout,
+    budgets: list[str] | tuple[str, ...],
+    profile: MemoryProfile | None = None,
+) -> list[Budget]:
+    """Parse a budget profile and check that at least one budget can train.
+
+    A budget below the smallest sub-network only skips the nodes that have
+    it; when every budget is, no node could ever train, which is an error.
+
+    Parameters
+    ----------
+    model : PreTrainedModel or ModelLayout
+    budgets : sequence of str
+        Budget strings, e.g. ``RunConfig.budget_tiers``.
+    profile : TrainingProfile or InferenceProfile, optional
+        As in :func:`select_subnet`.
+
+    Returns
+    -------
+    list of Budget
+        The parsed budgets, in order.
+
+    Raises
+    ------
+    BudgetError
+        If a budget cannot be parsed (the message names it), or the list is empty.
+    BudgetTooSmallError
+        If every budget is below the smallest sub-network; the message lists
+        the budgets and the smallest sub-network's cost.
+    """
+    if not budgets:
+        raise BudgetError("no budgets given; expected e.g. 'params=0.6,params=1.0'")
+    layout = model if isinstance(model, ModelLayout) else describe(model)
+    parsed = [Budget.parse(b) for b in budgets]
+    too_small: list[BudgetTooSmallError] = []
+    for budget in parsed:
+        try:
+            select_subnet(layout, budget, LARGEST, profile=profile)
+        except BudgetTooSmallError as err:
+            too_small.append(err)
+    if len(too_small) == len(parsed):
+        shown = ", ".join(str(b) for b in parsed)
+        reason = str(too_small[0]).split(", which needs ", 1)[-1]
+        raise BudgetTooSmallError(
+            f"every budget ({shown}) is below the smallest sub-network, which needs {reason}; "
+            "no node could train",
+            minimum=too_small[0].minimum,
+        )
+    return parsed

@@ -268,6 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     args = parse_args(argv)
+    if not args.model.is_dir():
+        what = "is not a folder" if args.model.exists() else "does not exist"
+        raise SystemExit(
+            f"deploy: the model folder {args.model} {what}; expected a trained model folder "
+            "such as results/<run>/final-model"
+        )
     run_config = args.run_config or args.model.parent / "run-config.json"
     if not run_config.is_file():
         raise SystemExit(f"no run config at {run_config}; pass --run-config")

@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tomllib
@@ -49,23 +50,39 @@ class PreflightError(Exception):
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` items to a mapping; values are TOML, else taken as a bare string."""
+    """``key=value`` items to a mapping, with the types of :class:`RunConfig`.
+
+    A value is read as TOML (``lr=5e-5``, ``resume=true``, ``strategy="fedrolex"``).
+    For a key whose type is a string, a value that is not a TOML string is
+    taken as the string it reads: make and the shell strip the quotes of
+    ``make run ARGS='strategy="fedrolex"'`` (``strategy=fedrolex``), and
+    ``dataset-config=1`` means the name ``"1"``.
+    """
+    from raffm_core.task.config import RunConfig, key_of
+
+    string_keys = {key_of(f.name) for f in dataclasses.fields(RunConfig) if f.type == "str"}
     out: dict[str, Any] = {}
     for item in items:
         for part in _split(item):
             key, sep, value = part.partition("=")
-            key = key.strip()
+            key, value = key.strip(), value.strip()
             if not sep or not key:
                 raise PreflightError(f"run-config override {part!r} is not key=value")
             try:
-                out[key] = tomllib.loads(f"v = {value.strip()}")["v"]
+                out[key] = tomllib.loads(f"v = {value}")["v"]
             except tomllib.TOMLDecodeError:
-                out[key] = value.strip()  # make and the shell removed the quotes of a string
+                out[key] = value  # make and the shell removed the quotes of a string
+            if key in string_keys and not isinstance(out[key], str):
+                out[key] = value
     return out
 
 
 def _split(item: str) -> list[str]:
-    """One argument may hold several space-separated overrides (``flwr run`` style)."""
+    """One argument may hold several space-separated overrides (``flwr run`` style).
+
+    A word without ``=`` continues the value before it: ``lora-target-modules=query, value``
+    is what the shell leaves of ``make run ARGS='lora-target-modules="query, value"'``.
+    """
     parts, current, quote = [], "", ""
     for char in item:
         if char in "\"'" and (not quote or quote == char):
@@ -76,7 +93,14 @@ def _split(item: str) -> list[str]:
             current = ""
             continue
         current += char
-    return parts + ([current] if current else [])
+    parts += [current] if current else []
+    merged: list[str] = []
+    for part in parts:
+        if merged and "=" not in part:
+            merged[-1] += " " + part
+        else:
+            merged.append(part)
+    return merged
 
 
 def to_run_config(mapping: dict[str, Any]) -> str:
@@ -96,11 +120,10 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     """Everything the module docstring lists; returns the overrides to pass on."""
     import datasets
 
-    from raffm_core import Budget, BudgetError, RaffmError, describe
-    from raffm_core.select import select_subnet
+    from raffm_core import BudgetError, RaffmError, TrainingProfile, check_budgets, describe
     from raffm_core.task import load_task
     from raffm_core.task.config import RunConfig
-    from raffm_core.task.models import load_model_config, resolve_model_source
+    from raffm_core.task.models import load_model_config
 
     datasets.disable_progress_bars()
     defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -112,14 +135,8 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     # the model: its source and its family, from the config alone (no weights)
     try:
         config = load_model_config(cfg.model_name)
-    except OSError as err:
-        source = resolve_model_source(cfg.model_name)
-        shown = "" if source == cfg.model_name else f" ({source})"
-        raise PreflightError(
-            f"model-name = {cfg.model_name!r}{shown} is neither a local folder nor in the "
-            "Hugging Face cache, and the hub is offline here; give the path of a downloaded "
-            "model folder"
-        ) from err
+    except RaffmError as err:
+        raise PreflightError(str(err)) from err
     import torch
     import transformers
 
@@ -143,12 +160,6 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
         )
 
     # the budgets: every tier parses; one at least holds the smallest sub-network
-    tiers = []
-    for tier in cfg.budget_tiers:
-        try:
-            tiers.append(Budget.parse(tier))
-        except BudgetError as err:
-            raise PreflightError(f"budget-profile = {cfg.budget_profile!r}: {err}") from err
     config.num_labels = max(task.info.num_labels, 1)
     auto = {"vit": transformers.AutoModelForImageClassification}.get(
         config.model_type, transformers.AutoModelForSequenceClassification
@@ -159,16 +170,13 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
         auto, config.num_labels = transformers.AutoModelForQuestionAnswering, 2
     with torch.device("meta"):
         layout = describe(auto.from_config(config))
-    errors = []
-    for budget in tiers:
-        try:
-            select_subnet(layout, budget, "largest")
-        except BudgetError as err:
-            errors.append(str(err))
-    if errors and len(errors) == len(tiers):
-        raise PreflightError(
-            f"budget-profile = {cfg.budget_profile!r}: no tier can train ({errors[0]})"
-        )
+    profile = TrainingProfile(
+        batch_size=cfg.batch_size, seq_len=task.tokens_per_example(cfg.max_length)
+    )
+    try:
+        check_budgets(layout, cfg.budget_tiers, profile)
+    except BudgetError as err:
+        raise PreflightError(f"budget-profile = {cfg.budget_profile!r}: {err}") from err
     return overrides
 
 
@@ -181,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.overrides)
         check(overrides, args.nodes)
-    except PreflightError as err:
-        print(f"preflight: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - anything unforeseen is one line too
+        what = str(err) if isinstance(err, PreflightError) else f"{type(err).__name__}: {err}"
+        print("preflight: " + " ".join(what.split()), file=sys.stderr)  # one line
         if args.verbose:
             traceback.print_exc()
         return 2

@@ -25,11 +25,12 @@ export PATH="$ROOT/.venv/bin:$PATH"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+# Ray's FutureWarning about accelerator env vars (no GPUs here): take the future behaviour
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 mkdir -p "$FLWR_HOME"
 
 NUM_SUPERNODES="${NUM_SUPERNODES:-10}"
 RESULTS_DIR="${RESULTS_DIR:-$ROOT/results/$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$RESULTS_DIR"
 LOG="$RESULTS_DIR/flwr-run.log"
 
 log() { echo "[run_local] $*" >&2; }
@@ -92,36 +93,57 @@ OVERRIDES=("results-dir=\"$RESULTS_DIR\"" "min-available-nodes=$NUM_SUPERNODES")
 # Check the config, model, data and budgets in seconds, before SuperLink and Ray start;
 # it also restores the TOML quotes make strips from string values (ARGS='strategy="x"').
 log "preflight: checking the run config, model, dataset and budgets"
+# A failed preflight leaves no results directory.
 if ! RUN_CONFIG="$(python scripts/preflight.py --nodes "$NUM_SUPERNODES" "${OVERRIDES[@]}" "$@")"; then
-    log "ERROR: the run was not started (see the preflight line above; --verbose for details:"
-    log "  .venv/bin/python scripts/preflight.py --verbose ...)"
+    log "ERROR: not started; the traceback: .venv/bin/python scripts/preflight.py --verbose ARGS"
     exit 2
 fi
+mkdir -p "$RESULTS_DIR"
+
+# A failed run's one line: the ServerApp's status.json, else Flower's status (written there too).
+fail() {
+    local error
+    error="$(python - "$RESULTS_DIR/status.json" "$1" "$LOG" <<'EOF'
+import json, sys
+from pathlib import Path
+path, status, log = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+if path.is_file():
+    print(json.loads(path.read_text()).get("error", status))
+else:
+    error = status
+    path.write_text(json.dumps({"status": "failed", "error": error}, indent=2) + "\n")
+    print(error)
+EOF
+)"
+    log "ERROR: the run failed: $error (full log: $LOG)"
+    exit 1
+}
 
 log "FLWR_HOME=$FLWR_HOME, SuperLink ports $HTTP_PORT (HTTP) and $CONTROL_PORT (control)"
 log "results: $RESULTS_DIR"
 start=$(date +%s)
+# The log keeps every line; the terminal is spared Flower's notices that do not apply
+# here: the changed *default* number of simulated SuperNodes (we pass the number) and
+# how to change it, and pyproject.toml's missing "license" property.
 flwr run . --stream \
     --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=1" \
-    --run-config "$RUN_CONFIG" 2>&1 | tee "$LOG"
+    --run-config "$RUN_CONFIG" 2>&1 | tee "$LOG" | {
+    grep --line-buffered -v \
+        -e 'default simulated SuperNodes changed' \
+        -e 'To change federation size, use the following command' \
+        -e 'flwr federation simulation-config' \
+        -e 'Flower App configuration warnings in' \
+        -e 'Recommended property "license"' || true
+}
 
 RUN_ID="$(sed -n 's/.*Successfully started run \([0-9][0-9]*\).*/\1/p' "$LOG" | head -n1)"
-if [[ -z "$RUN_ID" ]]; then
-    log "ERROR: flwr run did not start a run (see $LOG)"
-    exit 1
-fi
+[[ -n "$RUN_ID" ]] || fail "flwr run did not start a run"
 STATUS="$(flwr ls --run-id "$RUN_ID" --format json | python -c '
 import json, sys
 runs = json.load(sys.stdin).get("runs", [])
 print(runs[0]["status"] if runs else "unknown")
 ')"
 log "run $RUN_ID: status $STATUS, $(( $(date +%s) - start )) s"
-if [[ "$STATUS" != "finished:completed" ]]; then
-    log "ERROR: run $RUN_ID did not complete (status $STATUS); see $LOG"
-    exit 1
-fi
-if [[ ! -f "$RESULTS_DIR/summary.json" ]]; then
-    log "ERROR: no summary.json in $RESULTS_DIR"
-    exit 1
-fi
+[[ "$STATUS" == "finished:completed" ]] || fail "run $RUN_ID ended with status $STATUS"
+[[ -f "$RESULTS_DIR/summary.json" ]] || fail "no summary.json in $RESULTS_DIR"
 log "results directory: $RESULTS_DIR"

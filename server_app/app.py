@@ -16,7 +16,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from raffm_core import ServerOptimizer, TrainingProfile, base_config, describe
+from raffm_core import (
+    BudgetError,
+    ServerOptimizer,
+    TrainingProfile,
+    base_config,
+    check_budgets,
+    describe,
+)
 from raffm_core.task import load_task
 from raffm_core.task.config import RunConfig
 from raffm_core.task.data import TaskInfo
@@ -38,8 +45,15 @@ from raffm_core.task.models import Preprocessor
 
 from .baselines import strategy_class, strategy_options
 from .checkpoint import Checkpointer, RoundOffset, checkpoint_path
+from .loop import NothingToTrain
 from .lora import LoraGlobalModel, RaFFMLoRA, lora_settings
-from .outputs import VALIDATION_PREFIX, prepare_results_dir, save_model, write_outputs
+from .outputs import (
+    VALIDATION_PREFIX,
+    prepare_results_dir,
+    save_model,
+    write_outputs,
+    write_status,
+)
 
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
@@ -152,12 +166,40 @@ class CentralEvaluator:
 
 
 def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """Run the federation described by ``cfg``; returns the summary."""
+    """Run the federation described by ``cfg``; returns the summary.
+
+    The results directory gets ``status.json``: ``{"status": "completed"}``,
+    or ``"failed"`` with the error, which is then raised again.
+
+    Raises
+    ------
+    NothingToTrain
+        If the run could not change the model: every budget of the server's
+        ``budget-profile`` below the smallest sub-network, fewer training
+        examples than ``min-available-nodes``, every node skipped, or no reply
+        accepted in any round.
+    """
     started = time.monotonic()
     out = prepare_results_dir(cfg.results_dir)
     log(INFO, "results directory: %s", out)
+    try:
+        summary = _federate(grid, cfg, out, started)
+    except BaseException as err:
+        write_status(out, err)
+        raise
+    write_status(out, None)
+    return summary
+
+
+def _federate(grid: Grid, cfg: RunConfig, out: Path, started: float) -> dict[str, Any]:
     task = load_task(cfg)
     splits, tokenizer = task.splits, task.preprocessor
+    if len(splits.train) < cfg.min_available_nodes:
+        raise NothingToTrain(
+            f"dataset {cfg.dataset!r} has {len(splits.train)} training examples for "
+            f"min-available-nodes = {cfg.min_available_nodes} nodes (partitions); every "
+            "partition needs at least one"
+        )
     model = task.load_model(cfg.seed)
     lora = None
     if cfg.peft == "lora":
@@ -200,6 +242,10 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         last_round=cfg.num_server_rounds,
     )
     strategy = build_strategy(cfg, model, lora, task.tokens_per_example(cfg.max_length))
+    try:  # the simulated nodes' budgets; a deployed node's own budget is checked when it answers
+        check_budgets(describe(model), cfg.budget_tiers, strategy.profile)
+    except BudgetError as err:
+        raise NothingToTrain(f"budget-profile = {cfg.budget_profile!r}: {err}") from err
     initial = ArrayRecord(lora.state() if lora else model.state_dict())
     checkpointer = Checkpointer(cfg, checkpoint_path(cfg, out), strategy, evaluator)
     last_round = 0
@@ -240,6 +286,13 @@ def run(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         evaluator,
         on_round_end=checkpointer,
     )
+    if not any(c.status == "accepted" for e in strategy.history.values() for c in e.clients):
+        reasons = [c.reason for e in strategy.history.values() for c in e.clients if c.reason]
+        raise NothingToTrain(
+            f"no node trained in any of the {cfg.num_server_rounds} rounds: "
+            f"{len(reasons)} replies, none accepted"
+            + (f" (first: {reasons[0]})" if reasons else "")
+        )
     final = result.arrays if len(result.arrays) else initial
     if cfg.save_models:
         evaluator.load(final.to_torch_state_dict())

@@ -51,6 +51,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from raffm_core import CheckpointError, ServerOptimizer
 from raffm_core.task.config import RunConfig
 
+from .progress import ProgressGrid
 from .records import RoundLog
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -321,7 +322,7 @@ class RoundOffset(Strategy):
 
         result = Strategy.start(
             self,
-            grid,
+            ProgressGrid(grid),
             initial_arrays,
             num_rounds - self.offset,
             timeout,

@@ -7,6 +7,7 @@ A mixin of :class:`server_app.strategy.RaFFM`, which provides ``layout``,
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
@@ -14,7 +15,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from .nodes import query_budgets, wait_for_nodes
+from .progress import ProgressGrid
 from .records import NodeBudget, log_progress
+
+
+class NothingToTrain(RuntimeError):
+    """No node can train: the run would finish without ever changing the model."""
+
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundEndFn = Callable[[int, ArrayRecord, MetricRecord | None], None]
@@ -35,7 +42,7 @@ class RunLoop:
         *,
         on_round_end: RoundEndFn | None = None,
     ) -> Result:
-        """Query budgets, then run Flower's loop; logs one progress line per round.
+        """Query budgets, then run Flower's loop; logs progress as replies arrive and per round.
 
         Parameters and return value as :meth:`flwr.serverapp.strategy.Strategy.start`,
         plus:
@@ -51,7 +58,7 @@ class RunLoop:
         self.prepare(grid, num_rounds)
         return Strategy.start(
             self,
-            grid,
+            ProgressGrid(grid),  # "round 2: 4 of 10 train replies" while a round waits
             initial_arrays,
             num_rounds,
             timeout,
@@ -61,10 +68,23 @@ class RunLoop:
         )
 
     def prepare(self, grid: Grid, num_rounds: int) -> None:
-        """Before round 1: wait for nodes, query budgets; ``num_rounds`` is the last round."""
+        """Before round 1: wait for nodes, query budgets; ``num_rounds`` is the last round.
+
+        Raises
+        ------
+        NothingToTrain
+            If every node was skipped (its budget unparsable or below the
+            smallest sub-network, or no answer); the message counts the reasons.
+        """
         self.num_rounds = num_rounds
         wait_for_nodes(grid, self.min_available_nodes, self.query_timeout)
         self.query_budgets(grid)
+        if not self.nodes:
+            reasons = Counter(self.skipped.values())
+            shown = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(4))
+            raise NothingToTrain(
+                f"no node can train: all {len(self.skipped)} nodes were skipped ({shown})"
+            )
 
     def reporting(
         self, evaluate_fn: EvaluateFn | None, on_round_end: RoundEndFn | None

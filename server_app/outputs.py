@@ -26,6 +26,7 @@ from raffm_core.task.keys import NUM_EXAMPLES  # noqa: E402
 from .records import RoundLog  # noqa: E402
 
 SUMMARY = "summary.json"
+STATUS = "status.json"
 ROUNDS = "rounds.json"
 RUN_CONFIG = "run-config.json"
 VALIDATION_PREFIX = "val-"
@@ -37,6 +38,14 @@ def prepare_results_dir(path: str) -> Path:
     out = Path(path).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def write_status(out: Path, error: BaseException | None) -> None:
+    """``status.json``: ``{"status": "completed"}``, or ``"failed"`` with the error's one line."""
+    status: dict[str, Any] = {"status": "completed" if error is None else "failed"}
+    if error is not None:
+        status["error"] = " ".join(f"{type(error).__name__}: {error}".split())
+    write_json(out / STATUS, status)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:

@@ -184,6 +184,16 @@ def test_deploy_script_rejects_a_budget_below_the_smallest_model(vit_run, tmp_pa
         load_script().main([str(vit_run), "--budget", "params=0.01", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize("with_run_config", [False, True], ids=["beside", "--run-config"])
+def test_deploy_script_on_a_missing_folder_says_it_does_not_exist(tmp_path, with_run_config):
+    missing = tmp_path / "no-such-run" / "final-model"
+    (tmp_path / "run-config.json").write_text("{}")
+    extra = ["--run-config", str(tmp_path / "run-config.json")] if with_run_config else []
+    argv = [str(missing), "--budget", "params=0.7", "--out", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit, match=f"the model folder {missing} does not exist"):
+        load_script().main(argv)
+
+
 def test_deploy_curve_on_a_text_model(tmp_path):
     """Curve rows: infeasible below the floor; at 100% the prioritized full model,
     whose accuracy equals the saved model's (prioritization preserves outputs)."""

@@ -3,7 +3,10 @@
 A SuperLink with TLS and SuperNode authentication, three SuperNodes whose
 keys are registered (budgets ``params=0.5``, ``params=0.75`` and ``auto``),
 a tiny BERT and two rounds. Then two nodes that must be refused: one with an
-unregistered key, one in plaintext.
+unregistered key, one in plaintext. Last, the README's restart (``stop.sh``,
+then the start scripts again) must bring every node back, and a restart after
+the SuperLink was stopped before its nodes (they stay "online" there, so
+their activation is refused with exit code 305) must fail ``start_supernodes.sh``.
 
 Everything runs in a private folder (certificates, FLWR_HOME, the
 SuperLink's database, logs) on a port picked at runtime. Every daemon is
@@ -20,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -226,3 +230,41 @@ def test_run_completes_and_nodes_get_specs_that_differ_by_budget(deployment, fin
 def test_auto_node_logged_what_it_measured(deployment, finished_run):
     log = (deployment.folder / "logs" / "supernode-2.log").read_text()
     assert "budget auto: measured" in log and "reporting memory-mb=" in log, log[-3000:]
+
+
+def test_restart_after_stop_connects_every_node(deployment, finished_run):
+    # the README's restart: stop.sh, then start_superlink.sh and start_supernodes.sh again;
+    # stop.sh stops the nodes first, so each deactivates itself and may come back at once
+    deployment.script("stop.sh")
+    deployment.script("start_superlink.sh")
+    result = deployment.script("start_supernodes.sh", *BUDGETS)
+    for i in range(len(BUDGETS)):
+        assert f"supernode-{i} is connected" in result.stderr, result.stderr
+
+
+def test_a_supernode_that_exits_fails_the_start(deployment, finished_run):
+    # the SuperLink stopped before its nodes: they stay online in its database for two
+    # heartbeats, and their restart is refused with exit code 305
+    pid_file = deployment.folder / "pids" / "superlink.pid"
+    pid = int(pid_file.read_text())
+    os.killpg(pid, signal.SIGTERM)
+    for _ in range(150):
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    pid_file.unlink()
+    deployment.script("stop.sh")
+    deployment.script("start_superlink.sh")
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "start_supernodes.sh"), *BUDGETS],
+        env=deployment.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "exited (Exit Code: 305): [code: 2004] Failed to activate SuperNode." in result.stderr
+    assert "not every SuperNode is up" in result.stderr

@@ -16,6 +16,14 @@ preflight = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(preflight)
 
 
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    """As HF_HUB_OFFLINE=1 does in run_local.sh (read at import, so before preflight's import)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("preflight")
@@ -42,7 +50,11 @@ def test_good_settings_pass_and_strings_get_their_quotes_back(good, capsys):
         ('text-column="sentence"', r"no column\(s\) \['sentence'\]"),
         ('model-name="bert-base-uncased"', "neither a local folder nor in the Hugging Face cache"),
         ('budget-profile="bogus"', "cannot parse budget 'bogus'"),
-        ('budget-profile="params=0.01"', "no tier can train"),
+        (
+            'budget-profile="params=0.01,params=0.02"',
+            r"every budget \(params=0.01, params=0.02\) is below the smallest sub-network, "
+            r"which needs [0-9,]+ parameters",
+        ),
         ("min-available-nodes=100", "32 training examples for 100 nodes"),
     ],
     ids=["strategy", "rounds", "file", "column", "hub-model", "budget", "tiny-budget", "nodes"],

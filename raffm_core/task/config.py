@@ -9,6 +9,7 @@ for ``-``. Its defaults equal the ones in ``pyproject.toml``
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import string
 from collections.abc import Mapping
@@ -41,6 +42,9 @@ TASKS = ("auto", CLASSIFICATION, REGRESSION, CAUSAL_LM, EXTRACTIVE_QA)
 from a labelled split, or any prompt/response data with ``response-column``);
 ``extractive-qa`` is SQuAD-style span extraction (:mod:`raffm_core.task.qa`)."""
 
+ENCODING_ERRORS = ("strict", "replace")
+"""``dataset-encoding-errors``: fail on undecodable bytes, or replace them with U+FFFD."""
+
 PRECISIONS = ("no", "bf16")
 NO_PEFT, LORA = "none", "lora"
 PEFT_METHODS = (NO_PEFT, LORA)
@@ -51,6 +55,7 @@ __all__ = [
     "EXTRACTIVE_QA",
     "EMBEDDED_MINILM",
     "EMBEDDED_SMOLLM2",
+    "ENCODING_ERRORS",
     "PARTITIONERS",
     "PEFT_METHODS",
     "PRECISIONS",
@@ -100,6 +105,8 @@ class RunConfig:
     # data
     dataset: str = "data/polarity/polarity.csv"
     dataset_config: str = ""
+    dataset_encoding: str = "utf-8"
+    dataset_encoding_errors: str = "strict"
     text_column: str = "text"
     text_pair_column: str = ""
     label_column: str = "label"
@@ -167,6 +174,14 @@ class RunConfig:
         self._check_choice("budget_assignment", BUDGET_ASSIGNMENTS)
         self._check_choice("task", TASKS)
         self._check_choice("mixed_precision", PRECISIONS)
+        self._check_choice("dataset_encoding_errors", ENCODING_ERRORS)
+        try:
+            codecs.lookup(self.dataset_encoding)
+        except LookupError:
+            raise ConfigError(
+                f"dataset-encoding = {self.dataset_encoding!r} is not a known text encoding; "
+                "expected e.g. 'utf-8', 'latin-1', 'cp1252'"
+            ) from None
         self._check_choice("peft", PEFT_METHODS)
         self._check_range("lora_alpha", self.lora_alpha > 0, "> 0")
         self._check_range("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")

@@ -20,6 +20,8 @@ uses it for central evaluation and the ClientApp for local training.
 
 from __future__ import annotations
 
+import codecs
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 import datasets
 
 from ..errors import DataError
+from .checks import count_blank, decode_error, looks_like_data
 from .config import CAUSAL_LM, CLASSIFICATION, REGRESSION, RunConfig
 from .keys import ACCURACY, PEARSON
 
@@ -44,6 +47,16 @@ TEXT, TEXT_PAIR, IMAGE, LABEL = "text", "text_pair", "image", "label"
 """The normalized column names."""
 
 TEXT_MODALITY, IMAGE_MODALITY = "text", "image"
+
+COLUMN_KEYS = {
+    TEXT: "text-column",
+    TEXT_PAIR: "text-pair-column",
+    IMAGE: "image-column",
+    LABEL: "label-column",
+}
+"""The run-config key that names each normalized column."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,9 @@ class DatasetSpec:
     validation_fraction : float
         Share of the train split (after the test split is set aside) carved
         out, seeded, as a validation split; 0 for none.
+    encoding, encoding_errors : str
+        Text encoding of a local csv/tsv/json file, and ``"strict"`` (an
+        undecodable byte is an error) or ``"replace"`` (it becomes U+FFFD).
     seed : int
     modality : {"text", "image"}
         Which loader reads it (:func:`raffm_core.task.load_task` decides from the model).
@@ -89,6 +105,8 @@ class DatasetSpec:
     image_column: str = IMAGE
     modality: str = TEXT_MODALITY
     validation_fraction: float = 0.0
+    encoding: str = "utf-8"
+    encoding_errors: str = "strict"
 
     @classmethod
     def from_run_config(cls, cfg: RunConfig, modality: str = TEXT_MODALITY) -> DatasetSpec:
@@ -107,6 +125,8 @@ class DatasetSpec:
             seed=cfg.seed,
             modality=modality,
             validation_fraction=cfg.validation_fraction,
+            encoding=cfg.dataset_encoding,
+            encoding_errors=cfg.dataset_encoding_errors,
         )
 
 
@@ -178,14 +198,40 @@ def _load_split(spec: DatasetSpec, split: str) -> datasets.Dataset:
             )
         if not Path(path).is_file():
             raise DataError(f"dataset file {path} does not exist")
+        builder = LOCAL_FORMATS[Path(path).suffix.lower()]
         kwargs = {"delimiter": "\t"} if Path(path).suffix.lower() == ".tsv" else {}
-        return datasets.load_dataset(
-            LOCAL_FORMATS[Path(path).suffix.lower()],
-            data_files=path,
-            split="train",
-            keep_in_memory=True,
-            **kwargs,
-        )
+        if builder in ("csv", "json"):
+            encoding = spec.encoding
+            if builder == "json" and codecs.lookup(encoding).name == "utf-8":
+                # datasets' json reader applies encoding_errors only when the
+                # encoding is not spelled "utf-8"; "utf_8" is the same codec
+                encoding = "utf_8" if spec.encoding_errors != "strict" else "utf-8"
+            kwargs.update(encoding=encoding, encoding_errors=spec.encoding_errors)
+        try:
+            if builder == "csv" and spec.encoding_errors != "strict":
+                # datasets 4.8 drops encoding_errors under pandas >= 3 (its version check
+                # reads minor >= 3), so replacing bytes needs pandas' own reader
+                import pandas as pd
+
+                frame = pd.read_csv(
+                    path,
+                    sep=kwargs.get("delimiter", ","),
+                    **{k: kwargs[k] for k in ("encoding", "encoding_errors")},
+                )
+                return datasets.Dataset.from_pandas(frame, preserve_index=False)
+            return datasets.load_dataset(
+                builder, data_files=path, split="train", keep_in_memory=True, **kwargs
+            )
+        except Exception as err:
+            decode = decode_error(err)
+            if decode is None:
+                raise
+            raise DataError(
+                f"dataset file {path} is not valid {spec.encoding} ({decode.reason} at byte "
+                f"{decode.start}); set the run-config key dataset-encoding to the file's "
+                "encoding (e.g. 'latin-1', 'cp1252'), or dataset-encoding-errors = 'replace' "
+                "to replace the undecodable bytes"
+            ) from err
     try:
         return datasets.load_dataset(spec.source, spec.config_name or None, split=split)
     except (FileNotFoundError, ValueError) as err:
@@ -193,11 +239,34 @@ def _load_split(spec: DatasetSpec, split: str) -> datasets.Dataset:
 
 
 def _normalize(ds: datasets.Dataset, spec: DatasetSpec, name: str) -> datasets.Dataset:
-    """Keep the text, pair and label columns, under the names ``text``, ``text_pair``, ``label``."""
+    """Keep the text, pair and label columns, under the names ``text``, ``text_pair``, ``label``.
+
+    Empty texts (blank cells) are kept as ``""``, with a warning that counts them.
+    """
     wanted = {spec.text_column: TEXT, spec.label_column: LABEL}
     if spec.text_pair_column:
         wanted[spec.text_pair_column] = TEXT_PAIR
-    return take_columns(ds, wanted, name)
+    ds = take_columns(ds, wanted, name)
+    for column, source in ((TEXT, spec.text_column), (TEXT_PAIR, spec.text_pair_column)):
+        if column not in ds.column_names:
+            continue
+        blank = count_blank(ds[column])
+        if blank:
+            logger.warning(
+                "%s of %s: %d of %d rows have an empty text in %s %r; they are kept as empty texts",
+                name,
+                spec.source,
+                blank,
+                len(ds),
+                COLUMN_KEYS[column],
+                source,
+            )
+            ds = ds.map(
+                lambda batch, c=column: {c: ["" if v is None else v for v in batch[c]]},
+                batched=True,
+                keep_in_memory=True,
+            )
+    return ds
 
 
 def take_columns(ds: datasets.Dataset, wanted: dict[str, str], name: str) -> datasets.Dataset:
@@ -210,11 +279,33 @@ def take_columns(ds: datasets.Dataset, wanted: dict[str, str], name: str) -> dat
     """
     missing = [c for c in wanted if c not in ds.column_names]
     if missing:
-        raise DataError(f"{name}: no column(s) {missing}; the columns are {ds.column_names}")
+        keys = ", ".join(COLUMN_KEYS.get(wanted[c], wanted[c]) for c in missing)
+        shown = [c if len(c) <= 40 else c[:37] + "..." for c in ds.column_names[:8]]
+        more = f" and {len(ds.column_names) - 8} more" if len(ds.column_names) > 8 else ""
+        if looks_like_data(ds.column_names):
+            raise DataError(
+                f"{name}: the file seems to have no header row (the columns found are the "
+                f"first row's values: {shown}{more}); add a header row, or set the run-config "
+                f"key(s) {keys} to the column names; no column(s) {missing}"
+            )
+        raise DataError(
+            f"{name}: no column(s) {missing}; the columns are {shown}{more} "
+            f"(set the run-config key(s) {keys})"
+        )
     ds = ds.select_columns(list(wanted))
     # Two steps, so that renaming "question" -> "text" cannot clash with a "text" column.
     ds = ds.rename_columns({c: f"__raffm_{i}" for i, c in enumerate(wanted)})
     return ds.rename_columns({f"__raffm_{i}": new for i, new in enumerate(wanted.values())})
+
+
+def _check_labels(ds: datasets.Dataset, column: str, name: str) -> None:
+    """Missing labels are an error: ``task = "auto"`` would see a float column (NaN)."""
+    missing = count_blank(ds[LABEL])
+    if missing:
+        raise DataError(
+            f"{name}: {missing} of {len(ds)} rows have no label in label-column {column!r}; "
+            "fill them in or remove those rows"
+        )
 
 
 def _task_of(ds: datasets.Dataset, task: str) -> TaskInfo:
@@ -231,8 +322,6 @@ def _task_of(ds: datasets.Dataset, task: str) -> TaskInfo:
     if isinstance(feature, datasets.ClassLabel):
         return TaskInfo(CLASSIFICATION, tuple(feature.names))
     values = sorted(set(ds[LABEL]), key=lambda v: (isinstance(v, str), v))
-    if any(v is None for v in values):
-        raise DataError("the label column has empty values")
     return TaskInfo(CLASSIFICATION, tuple(str(v) for v in values))
 
 
@@ -296,6 +385,7 @@ def build_splits(
     train = normalize(load_split(spec, spec.train_split), spec, f"split {spec.train_split!r}")
     if task_of is not None:
         return _carve(spec, train, task_of(train), load_split, normalize)
+    _check_labels(train, spec.label_column, f"split {spec.train_split!r} of {spec.source}")
     task = _task_of(train, spec.task)
     if task.kind != REGRESSION and task.num_labels < 2:
         raise DataError(f"classification needs at least 2 labels, found {task.label_names}")
@@ -318,6 +408,7 @@ def _carve(
     """``train`` with the test split (loaded, or carved out) and the validation split set aside."""
     if spec.test_split:
         test = normalize(load_split(spec, spec.test_split), spec, f"split {spec.test_split!r}")
+        _check_labels(test, spec.label_column, f"split {spec.test_split!r} of {spec.source}")
     else:
         # keep_in_memory clashes with the index cache files of an on-disk (hub or folder) dataset
         parts = train.train_test_split(

@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
 import transformers
 from transformers import (
@@ -82,13 +83,45 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
+def check_model_source(model_name: str, err: OSError) -> DataError:
+    """The error to raise when ``from_pretrained`` of ``model_name`` failed with ``err``.
+
+    A name that is not a local folder was looked up on the hub or in the local
+    HF cache; offline (``HF_HUB_OFFLINE``) ``transformers`` then only says
+    "check your internet connection", which names neither the model nor the cure.
+    """
+    source = resolve_model_source(model_name)
+    shown = "" if source == model_name else f" ({source})"
+    if Path(source).exists():
+        return DataError(f"model-name = {model_name!r}{shown}: cannot load it: {err}")
+    if huggingface_hub.is_offline_mode():
+        return DataError(
+            f"model-name = {model_name!r}{shown} is neither a local folder nor in the Hugging "
+            "Face cache, and the hub is offline here (HF_HUB_OFFLINE); give the path of a "
+            "downloaded model folder"
+        )
+    reason = " ".join(str(err).split())  # transformers' message spans several lines
+    return DataError(
+        f"model-name = {model_name!r}{shown} is not a local folder and could not be loaded "
+        f"from the Hugging Face hub or cache: {reason}"
+    )
+
+
 def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model_name`` (see :func:`resolve_model_source`); no weights.
 
     A tokenizer without a padding token (GPT-2's) pads with its EOS token, the
     usual choice: padded positions are masked out of attention and loss.
+
+    Raises
+    ------
+    DataError
+        If the model is neither a local folder nor reachable (:func:`check_model_source`).
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(model_name))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(model_name))
+    except OSError as err:
+        raise check_model_source(model_name, err) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         logger.info("%s has no padding token; padding with EOS %r", model_name, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
@@ -169,10 +202,19 @@ def tiny_vit_config(name: str) -> ViTConfig:
 
 @lru_cache(maxsize=8)
 def load_model_config(model_name: str) -> PretrainedConfig:
-    """The config of ``model_name`` (``vit-tiny:...``, a path or a hub name); no weights."""
+    """The config of ``model_name`` (``vit-tiny:...``, a path or a hub name); no weights.
+
+    Raises
+    ------
+    DataError
+        If the model is neither a local folder nor reachable (:func:`check_model_source`).
+    """
     if model_name.startswith(TINY_VIT):
         return tiny_vit_config(model_name)
-    return transformers.AutoConfig.from_pretrained(resolve_model_source(model_name))
+    try:
+        return transformers.AutoConfig.from_pretrained(resolve_model_source(model_name))
+    except OSError as err:
+        raise check_model_source(model_name, err) from err
 
 
 @lru_cache(maxsize=16)
@@ -251,8 +293,11 @@ def load_image_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrain
             setattr(config, key, value)
         model = transformers.AutoModelForImageClassification.from_config(config)
     else:
-        model = transformers.AutoModelForImageClassification.from_pretrained(
-            resolve_model_source(model_name), ignore_mismatched_sizes=True, **labels
+        model = from_pretrained(
+            transformers.AutoModelForImageClassification,
+            resolve_model_source(model_name),
+            ignore_mismatched_sizes=True,
+            **labels,
         )
     return model.eval()
 
@@ -271,6 +316,46 @@ def tokens_per_example(model_name: str, max_length: int) -> int:
     return max_length
 
 
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def from_pretrained(auto: type, source: str, **kwargs: Any) -> PreTrainedModel:
+    """``auto.from_pretrained(source, **kwargs)``, with one log line instead of the load report.
+
+    transformers prints a table of every key it did not load; for a new task
+    head that is expected (``classifier.weight MISSING``) and only noise. Here
+    a new head is one INFO line; a missing weight outside the head (the model
+    would run half untrained) is a WARNING that names the keys.
+    """
+    # Drop only the report: raising the logger's level instead makes transformers 5.23
+    # run (and log) its tensor-parallel plan check, which it skips below WARNING.
+    quiet = logging.getLogger("transformers.modeling_utils")
+    quiet.addFilter(_drop_load_report)
+    try:
+        model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        quiet.removeFilter(_drop_load_report)
+    missing = sorted(info.get("missing_keys", ()))
+    mismatched = sorted(
+        str(m[0]) if isinstance(m, tuple | list) else str(m)
+        for m in info.get("mismatched_keys", ())
+    )
+    prefix = f"{model.base_model_prefix}."
+    in_base = [k for k in missing if k.startswith(prefix)]
+    if in_base:
+        logger.warning(
+            "%s: %d weights of the base model are not in the checkpoint and start random: %s",
+            source,
+            len(in_base),
+            ", ".join(in_base[:5]) + (" ..." if len(in_base) > 5 else ""),
+        )
+    new = [k for k in [*missing, *mismatched] if not k.startswith(prefix)]
+    if new:
+        logger.info("%s: new task head %s (seeded)", source, ", ".join(new))
+    return model
+
+
 def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedModel:
     """The pretrained model with a (seeded) head for ``task``, in eval mode.
 
@@ -284,10 +369,11 @@ def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedMode
     torch.manual_seed(seed)
     source = resolve_model_source(model_name)
     if task.kind == CAUSAL_LM:
-        return transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+        return from_pretrained(transformers.AutoModelForCausalLM, source).eval()
     if task.kind == EXTRACTIVE_QA:  # a new seeded span head unless the checkpoint has one
         check_qa_model(model_name, load_model_config(model_name).model_type)
-        return transformers.AutoModelForQuestionAnswering.from_pretrained(
+        return from_pretrained(
+            transformers.AutoModelForQuestionAnswering,
             source,
             num_labels=2,
             ignore_mismatched_sizes=True,  # start and end logits
@@ -300,7 +386,8 @@ def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedMode
             "label2id": {name: i for i, name in enumerate(task.label_names)},
         }
     )
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+    model = from_pretrained(
+        transformers.AutoModelForSequenceClassification,
         source,
         num_labels=task.num_labels,
         problem_type=task.problem_type,

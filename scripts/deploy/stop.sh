@@ -8,7 +8,12 @@ set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 shopt -s nullglob
-for pidfile in "$PIDS"/*.pid; do
+# SuperNodes first: stopped while the SuperLink is still up, each deactivates itself
+# there. A node killed after the SuperLink stays "online" in superlink.db for two
+# heartbeats (60 s), and a restarted node with its key is refused until then
+# (exit code 305, "Failed to activate SuperNode").
+for pidfile in "$PIDS"/supernode-*.pid "$PIDS"/superlink.pid; do
+    [[ -f "$pidfile" ]] || continue
     pid="$(cat "$pidfile")"
     name="$(basename "$pidfile" .pid)"
     if kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null; then
