@@ -243,7 +243,7 @@ def _federate(grid: Grid, cfg: RunConfig, out: Path, started: float) -> dict[str
     )
     strategy = build_strategy(cfg, model, lora, task.tokens_per_example(cfg.max_length))
     try:  # the simulated nodes' budgets; a deployed node's own budget is checked when it answers
-        check_budgets(describe(model), cfg.budget_tiers, strategy.profile)
+        check_budgets(strategy.layout, cfg.budget_tiers, strategy.profile)
     except BudgetError as err:
         raise NothingToTrain(f"budget-profile = {cfg.budget_profile!r}: {err}") from err
     initial = ArrayRecord(lora.state() if lora else model.state_dict())
