@@ -280,13 +280,18 @@ class InferenceProfile(_Profile):
 
 
 def _layer_widths(layout: ModelLayout, spec: SubnetSpec) -> list[tuple[int, int, int]]:
-    """Per kept layer: query width, key/value width, and the FFN inputs' total width."""
+    """Per kept layer: query width, key/value width, and the FFN inputs' total width.
+
+    A layer with several attention blocks (a decoder's self- and
+    cross-attention) counts each block's Q, K and V.
+    """
     d, g = layout.head_dim, layout.group_size
-    n_in = len(layout.family.ffn_in)
     widths = []
-    for kept in spec.layers:
+    for layer, kept in zip(layout.layers, spec.layers, strict=True):
         heads = width_count(kept.heads)
-        widths.append((heads * g * d, heads * d, n_in * width_count(kept.ffn)))
+        blocks = max(1, len(layer.attention_paths))
+        n_in = sum(1 for role in layer.modules if role.startswith("ffn_in."))
+        widths.append((blocks * heads * g * d, blocks * heads * d, n_in * width_count(kept.ffn)))
     return widths
 
 

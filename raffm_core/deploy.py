@@ -16,7 +16,14 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from .errors import SpecError
-from .extract import extract_state_dict, extract_submodel, save_submodel, spec_of
+from .extract import (
+    extract_state_dict,
+    extract_submodel,
+    save_submodel,
+    spec_of,
+    untie_weights,
+    untied_keys,
+)
 from .layout import describe
 from .spec import SubnetSpec
 
@@ -26,8 +33,9 @@ def plain_config(model: PreTrainedModel, spec: SubnetSpec):
 
     A config can describe a sub-model when every layer keeps the same prefix
     widths and the architecture's config has a field for each: FFN width
-    always; head counts only where ``head_dim`` is an explicit config field
-    (the LLaMA family), since BERT-style configs derive it from the head count.
+    always; head counts only where the head size is an explicit config field
+    (``head_dim`` of the LLaMA family, ``d_kv`` of T5), since BERT-style
+    configs derive it from the head count.
     """
     layout = describe(model)
     if not spec.is_prefix or len(set(spec.layers)) != 1:
@@ -37,12 +45,17 @@ def plain_config(model: PreTrainedModel, spec: SubnetSpec):
     if hasattr(config, "raffm_subnet"):
         delattr(config, "raffm_subnet")
     setattr(config, layout.family.ffn_size_attr, kept.ffn)
+    family = layout.family
     if kept.heads != layout.num_groups:
-        if layout.family.kv_heads_attr is None:
+        if family.kv_heads_attr is not None:
+            config.head_dim = layout.head_dim
+            config.num_key_value_heads = kept.heads
+            config.num_attention_heads = kept.heads * layout.group_size
+        elif family.head_dim_attr is not None:
+            setattr(config, family.head_dim_attr, layout.head_dim)
+            setattr(config, family.heads_attr, kept.heads)
+        else:
             return None
-        config.head_dim = layout.head_dim
-        config.num_key_value_heads = kept.heads
-        config.num_attention_heads = kept.heads * layout.group_size
     config.architectures = [type(model).__name__]
     return config
 
@@ -65,6 +78,7 @@ def export_submodel(model: PreTrainedModel, spec: SubnetSpec, path: str | os.Pat
     layout = describe(model)
     state = extract_state_dict(model.state_dict(), layout, spec)
     small = type(model)(config)  # as small as the spec: building it for real is cheap
+    untie_weights(small, untied_keys(state, describe(small).tied))  # FLAN-T5's lm_head
     small.load_state_dict(state, strict=True)
     small.save_pretrained(path)
     return "transformers"

@@ -110,17 +110,28 @@ def _shrink(model: PreTrainedModel, layout: ModelLayout, spec: SubnetSpec) -> No
                     dtype=weight.dtype,
                 )
             setattr(model.get_submodule(parent_path), name, new)
+        if layer.position_bias is not None:  # (num_buckets, kept heads)
+            parent_path, _, name = layer.position_bias.rpartition(".")
+            old = model.get_submodule(layer.position_bias)
+            table = nn.Embedding(
+                *shapes[layer.position_bias + ".weight"],
+                device=old.weight.device,
+                dtype=old.weight.dtype,
+            )
+            setattr(model.get_submodule(parent_path), name, table)
         # Head counts and widths some attention classes keep for bookkeeping
-        # (GPT-2 splits its fused output by ``split_size``).
-        attn = model.get_submodule(layer.attention)
+        # (GPT-2 splits its fused output by ``split_size``, T5 reshapes by
+        # ``n_heads`` and ``inner_dim``), in every attention block of the layer.
         kept = spec.layers[layer.index].heads
         n_heads = (kept if isinstance(kept, int) else len(kept)) * layout.group_size
-        for attr in ("num_attention_heads", "n_heads", "num_heads"):
-            if isinstance(getattr(attn, attr, None), int):
-                setattr(attn, attr, n_heads)
-        for attr in layout.family.width_attrs:
-            if isinstance(getattr(attn, attr, None), int):
-                setattr(attn, attr, n_heads * layout.head_dim)
+        for attn_path in layer.attention_paths or (layer.attention,):
+            attn = model.get_submodule(attn_path)
+            for attr in ("num_attention_heads", "n_heads", "num_heads"):
+                if isinstance(getattr(attn, attr, None), int):
+                    setattr(attn, attr, n_heads)
+            for attr in layout.family.width_attrs:
+                if isinstance(getattr(attn, attr, None), int):
+                    setattr(attn, attr, n_heads * layout.head_dim)
 
 
 def build_submodel(
@@ -170,12 +181,53 @@ def build_submodel(
         expected = layout.sub_shapes(spec)
         _check_state(state_dict, expected)
         model.load_state_dict(dict(state_dict), strict=True)
-        if layout.tied:
+        untied = untied_keys(state_dict, layout.tied)
+        if untied:
+            _tie_all_but(model, layout.tied, untied)
+        elif layout.tied:
             model.tie_weights()  # to_empty() gave each alias its own storage
     model.config.architectures = [cls.__name__]
     setattr(model.config, SPEC_ATTR, spec.to_dict())
     model.eval()
     return model
+
+
+def untied_keys(state: Mapping[str, torch.Tensor], tied: Mapping[str, str]) -> set[str]:
+    """Keys the class ties but ``state`` holds apart, with values of their own.
+
+    transformers 5 builds every T5 with its lm_head tied to the shared
+    embedding, and unties it in ``from_pretrained`` when the checkpoint's
+    lm_head differs (T5 v1.1, FLAN-T5, mT5). A sub-model must do the same,
+    or it would silently replace the lm_head by the embedding.
+    """
+    return {
+        key
+        for key, source in tied.items()
+        if key in state
+        and source in state
+        and state[key] is not state[source]
+        and not torch.equal(state[key], state[source])
+    }
+
+
+def untie_weights(model: PreTrainedModel, keys: set[str]) -> None:
+    """Give each of ``keys`` (aliases of a tied weight) its own parameter, and keep it so."""
+    for key in keys:
+        parent, _, name = key.rpartition(".")
+        old = model.get_parameter(key)
+        setattr(model.get_submodule(parent), name, nn.Parameter(torch.empty_like(old)))
+        getattr(model, "all_tied_weights_keys", {}).pop(key, None)
+
+
+def _tie_all_but(model: PreTrainedModel, tied: Mapping[str, str], untied: set[str]) -> None:
+    """Tie every alias of ``tied`` to its source except ``untied``, which keep their values."""
+    for key, source in tied.items():
+        if key in untied:
+            continue
+        parent, _, name = key.rpartition(".")
+        setattr(model.get_submodule(parent), name, model.get_parameter(source))
+    for key in untied:  # so save_pretrained and tie_weights() leave them apart
+        getattr(model, "all_tied_weights_keys", {}).pop(key, None)
 
 
 def _check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple]) -> None:

@@ -9,7 +9,13 @@ Tensor layouts: a module named here is an ``nn.Linear``, whose ``weight`` is
 ``(out_features, in_features)``, or, in a family with ``transposed=True``, a
 GPT-style ``transformers.pytorch_utils.Conv1D``, whose ``weight`` is
 ``(in_features, out_features)``. Either way the optional ``bias`` is
-``(out_features,)``.
+``(out_features,)``. A stack's relative position bias (T5) is an
+``nn.Embedding`` whose ``weight`` is ``(num_buckets, num_heads)``.
+
+Most families have one stack of layers, described by the flat fields of
+:class:`Family`. Encoder-decoder families list their stacks in
+:attr:`Family.stacks` instead (:class:`Stack`), each with its attention blocks
+per layer (a decoder layer has self- and cross-attention).
 """
 
 from __future__ import annotations
@@ -17,6 +23,51 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Attention:
+    """The projections of one attention block, as paths relative to a layer."""
+
+    query: str
+    key: str
+    value: str
+    out: str
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One stack of layers whose elastic modules sit at the same paths.
+
+    Attributes
+    ----------
+    layers : str
+        Path of the ``nn.ModuleList`` of layers, relative to the base model.
+    attention : tuple of Attention
+        The layer's attention blocks. Their heads share the layer's one head
+        axis: head ``h`` of every block moves and is kept together. Each
+        block is function-preserving under any head order on its own, so
+        coupling them only constrains which orders are chosen.
+    ffn_in : tuple of tuple of str
+        Alternative sets of FFN input projections; the first set whose modules
+        all exist in the layer is used (T5 v1.1's gated ``wi_0``/``wi_1`` or
+        the original T5's ``wi``).
+    ffn_out : str
+        FFN output projection.
+    position_bias : str or None
+        Path, relative to the stack's first layer, of a relative position bias
+        ``nn.Embedding`` of shape ``(num_buckets, num_heads)`` that the first
+        layer computes once and passes to every later layer of the stack
+        (T5). Column ``h`` is added to head ``h``'s scores in *every* layer,
+        so all layers of the stack must share one head order and one kept
+        head set, and the columns move with them.
+    """
+
+    layers: str
+    attention: tuple[Attention, ...]
+    ffn_in: tuple[tuple[str, ...], ...]
+    ffn_out: str
+    position_bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,25 +118,48 @@ class Family:
         Integer attributes of the attention module holding the query width
         (heads x head size), updated on sub-models (BERT's ``all_head_size``,
         GPT-2's ``split_size``, by which it splits the fused output).
+    head_dim_attr : str or None
+        Config attribute with the channels per head when the config states it
+        apart from the hidden size (T5's ``d_kv``); ``None`` reads
+        ``head_dim`` if the config has it, else ``hidden / heads``.
+    stacks : tuple of Stack
+        For models with several stacks (encoder-decoder): every stack, in
+        state-dict order. Empty means one stack made of the flat fields
+        ``layers`` ... ``ffn_out``, which are then unused otherwise.
     """
 
     name: str
     model_types: tuple[str, ...]
-    layers: str
-    query: str
-    key: str
-    value: str
-    attn_out: str
-    ffn_in: tuple[str, ...]
-    ffn_out: str
-    heads_attr: str
-    kv_heads_attr: str | None
-    rotary: bool
+    layers: str = ""
+    query: str = ""
+    key: str = ""
+    value: str = ""
+    attn_out: str = ""
+    ffn_in: tuple[str, ...] = ()
+    ffn_out: str = ""
+    heads_attr: str = "num_attention_heads"
+    kv_heads_attr: str | None = None
+    rotary: bool = False
     ffn_size_attr: str = "intermediate_size"
     transposed: bool = False
     fused_qkv: bool = False
     ffn_size_factor: int | None = None
     width_attrs: tuple[str, ...] = ("all_head_size",)
+    head_dim_attr: str | None = None
+    stacks: tuple[Stack, ...] = ()
+
+    def layer_stacks(self) -> tuple[Stack, ...]:
+        """The family's stacks: :attr:`stacks`, or the one the flat fields describe."""
+        if self.stacks:
+            return self.stacks
+        attention = Attention(self.query, self.key, self.value, self.attn_out)
+        return (Stack(self.layers, (attention,), (self.ffn_in,), self.ffn_out),)
+
+
+def _t5_ffn_in(sub: int) -> tuple[tuple[str, ...], ...]:
+    """T5 v1.1 / FLAN-T5 / mT5's gated FFN, or the original T5's, in sub-layer ``sub``."""
+    ffn = f"layer.{sub}.DenseReluDense"
+    return ((f"{ffn}.wi_0", f"{ffn}.wi_1"), (f"{ffn}.wi",))
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -164,6 +238,33 @@ FAMILIES: tuple[Family, ...] = (
         fused_qkv=True,
         ffn_size_factor=4,
         width_attrs=("split_size",),
+    ),
+    Family(
+        name="T5",
+        model_types=("t5", "mt5"),  # T5, T5 v1.1, FLAN-T5 (model_type "t5"), mT5
+        heads_attr="num_heads",
+        ffn_size_attr="d_ff",
+        head_dim_attr="d_kv",  # heads x d_kv need not equal d_model
+        width_attrs=("inner_dim",),  # T5Attention reshapes its output by inner_dim
+        stacks=(
+            Stack(
+                layers="encoder.block",
+                attention=(Attention(*(f"layer.0.SelfAttention.{m}" for m in "qkvo")),),
+                ffn_in=_t5_ffn_in(1),
+                ffn_out="layer.1.DenseReluDense.wo",
+                position_bias="layer.0.SelfAttention.relative_attention_bias",
+            ),
+            Stack(
+                layers="decoder.block",
+                attention=(
+                    Attention(*(f"layer.0.SelfAttention.{m}" for m in "qkvo")),
+                    Attention(*(f"layer.1.EncDecAttention.{m}" for m in "qkvo")),
+                ),
+                ffn_in=_t5_ffn_in(2),
+                ffn_out="layer.2.DenseReluDense.wo",
+                position_bias="layer.0.SelfAttention.relative_attention_bias",
+            ),
+        ),
     ),
 )
 

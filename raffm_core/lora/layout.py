@@ -75,7 +75,7 @@ def with_lora(layout: ModelLayout, target_modules: Iterable[str], rank: int) -> 
             shapes[a_key], shapes[b_key] = (rank, inp), (out, rank)
             base = coupled[path + ".weight"]
             axis_list = heads if base in layer.heads else ffn
-            if role in COLUMN_ROLES:
+            if role.rpartition(".")[2] in COLUMN_ROLES:  # cross.attn_out too
                 axis_list.append(Coupled(a_key, 1, base.block, base.offsets))
             else:
                 axis_list.append(Coupled(b_key, 0, base.block, base.offsets))
