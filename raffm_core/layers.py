@@ -158,8 +158,7 @@ def ffn_inputs(block: nn.Module, stack: Stack) -> tuple[str, ...]:
             continue
         return names
     raise UnsupportedModelError(
-        f"no FFN input projections at any of {[list(n) for n in stack.ffn_in]} "
-        f"in {stack.layers!r}"
+        f"no FFN input projections at any of {[list(n) for n in stack.ffn_in]} in {stack.layers!r}"
     )
 
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import datasets
 from transformers import PreTrainedModel
 
-from ..errors import DataError
-from .config import CAUSAL_LM, EXTRACTIVE_QA, RunConfig
+from ..errors import ConfigError, DataError
+from .config import CAUSAL_LM, EXTRACTIVE_QA, LORA, SEQ2SEQ, RunConfig
 from .data import IMAGE_MODALITY, TEXT_MODALITY, DatasetSpec, Splits, TaskInfo, load_splits
 from .encode import encode_task
 from .images import load_image_splits
@@ -47,6 +47,7 @@ from .models import (
     tokens_per_example,
 )
 from .qa import check_qa_model, load_qa_splits
+from .seq2seq import check_seq2seq_model, is_encoder_decoder, load_seq2seq_splits
 
 __all__ = ["DatasetSpec", "RunConfig", "Splits", "Task", "TaskInfo", "load_task", "task_spec"]
 
@@ -112,15 +113,28 @@ def load_task(cfg: RunConfig) -> Task:
 
 def load_run_splits(cfg: RunConfig) -> Splits:
     """The run's splits: SQuAD-format for ``extractive-qa``, prompt/response data for
-    ``causal-lm`` with ``response-column``, else labelled text or images.
+    ``causal-lm`` with ``response-column``, rendered sources and targets for
+    ``seq2seq`` (which ``auto`` means for an encoder-decoder), else labelled
+    text or images.
 
     Raises
     ------
     UnsupportedModelError
         For ``extractive-qa`` with a model that has no span head here (a decoder).
     DataError
-        As :func:`load_task`.
+        As :func:`load_task`; also when the model cannot do the task
+        (``seq2seq`` needs an encoder-decoder, which does only that).
+    ConfigError
+        For LoRA on a seq2seq run (not implemented).
     """
+    check_seq2seq_model(cfg.model_name, cfg.task)
+    if cfg.task == SEQ2SEQ or (cfg.task == "auto" and is_encoder_decoder(cfg.model_name)):
+        if cfg.peft == LORA:
+            raise ConfigError(
+                "peft = 'lora' is not implemented for task = 'seq2seq' (the T5 family); "
+                "use peft = 'none'"
+            )
+        return load_seq2seq_splits(cfg)
     if cfg.task == EXTRACTIVE_QA:
         check_qa_model(cfg.model_name, load_model_config(cfg.model_name).model_type)
         return load_qa_splits(cfg)

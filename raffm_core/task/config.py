@@ -36,11 +36,13 @@ STRATEGIES = (RAFFM, FEDAVG, HETEROFL, FEDROLEX)
 PARTITIONERS = ("iid", "dirichlet")
 BUDGET_ASSIGNMENTS = ("round-robin", "random")
 CLASSIFICATION, REGRESSION, CAUSAL_LM = "classification", "regression", "causal-lm"
-EXTRACTIVE_QA = "extractive-qa"
-TASKS = ("auto", CLASSIFICATION, REGRESSION, CAUSAL_LM, EXTRACTIVE_QA)
+EXTRACTIVE_QA, SEQ2SEQ = "extractive-qa", "seq2seq"
+TASKS = ("auto", CLASSIFICATION, REGRESSION, CAUSAL_LM, EXTRACTIVE_QA, SEQ2SEQ)
 """``task`` values; ``causal-lm`` is instruction-style fine-tuning (polarity prompts made
 from a labelled split, or any prompt/response data with ``response-column``);
-``extractive-qa`` is SQuAD-style span extraction (:mod:`raffm_core.task.qa`)."""
+``extractive-qa`` is SQuAD-style span extraction (:mod:`raffm_core.task.qa`);
+``seq2seq`` is text-to-text fine-tuning of an encoder-decoder (the T5 family,
+:mod:`raffm_core.task.seq2seq`), which ``auto`` means for such a model."""
 
 ENCODING_ERRORS = ("strict", "replace")
 """``dataset-encoding-errors``: fail on undecodable bytes, or replace them with U+FFFD."""
@@ -60,6 +62,7 @@ __all__ = [
     "PEFT_METHODS",
     "PRECISIONS",
     "SELECTION_MODES",
+    "SEQ2SEQ",
     "SERVER_UPDATES",
     "STRATEGIES",
     "TASKS",
@@ -263,7 +266,7 @@ class RunConfig:
         ):
             raise ConfigError(
                 f"response-column = {self.response_column!r} is for generative tasks "
-                f"(task = 'causal-lm'), got task = {self.task!r}"
+                f"(task = 'causal-lm' or 'seq2seq'), got task = {self.task!r}"
             )
         if self.prompt_template and self.task in (
             "auto",
@@ -273,7 +276,7 @@ class RunConfig:
         ):
             raise ConfigError(
                 f"prompt-template = {self.prompt_template!r} is for generative tasks "
-                f"(task = 'causal-lm'), got task = {self.task!r}"
+                f"(task = 'causal-lm' or 'seq2seq'), got task = {self.task!r}"
             )
         if self.response_column and not self.prompt_template:
             raise ConfigError(

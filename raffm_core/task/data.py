@@ -31,7 +31,7 @@ import datasets
 
 from ..errors import DataError
 from .checks import count_blank, decode_error, looks_like_data
-from .config import CAUSAL_LM, CLASSIFICATION, REGRESSION, RunConfig
+from .config import CAUSAL_LM, CLASSIFICATION, REGRESSION, SEQ2SEQ, RunConfig
 from .keys import ACCURACY, PEARSON
 
 LOCAL_FORMATS = {
@@ -153,7 +153,7 @@ class TaskInfo:
     @property
     def has_class_labels(self) -> bool:
         """Whether examples carry a class label (what a Dirichlet partitioner splits by)."""
-        return bool(self.label_names) and self.kind in (CLASSIFICATION, CAUSAL_LM)
+        return bool(self.label_names) and self.kind in (CLASSIFICATION, CAUSAL_LM, SEQ2SEQ)
 
     @property
     def num_labels(self) -> int:

@@ -17,11 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from .config import CAUSAL_LM, EXTRACTIVE_QA
+from .config import CAUSAL_LM, EXTRACTIVE_QA, SEQ2SEQ
 from .data import LABEL, TEXT, TEXT_PAIR, TaskInfo
 from .instructions import INSTRUCTION_METADATA, InstructionSettings, PromptTemplate, encode_prompts
 from .prompts import IGNORE_INDEX, PROMPT_TEMPLATE, encode_instructions, response_words
 from .qa import QA_METADATA, encode_qa
+from .seq2seq import REFERENCES, encode_seq2seq, make_seq2seq_loader
 
 METADATA = (*QA_METADATA, *INSTRUCTION_METADATA)
 """Encoded columns that scoring reads and batches leave out (never model inputs)."""
@@ -81,6 +82,8 @@ def encode_task(
     """
     if task.kind == EXTRACTIVE_QA:
         return encode_qa(ds, tokenizer, max_length, task.settings)
+    if task.kind == SEQ2SEQ:  # sources and targets: raffm_core.task.seq2seq
+        return encode_seq2seq(ds, tokenizer, max_length, task)
     if task.kind != CAUSAL_LM:
         return encode(ds, tokenizer, max_length)
     if isinstance(task.settings, InstructionSettings):
@@ -106,6 +109,8 @@ def make_loader(
     """
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer.make_loader(ds, batch_size, shuffle=shuffle, seed=seed)
+    if REFERENCES in ds.column_names:  # seq2seq: targets, and gold answers for scoring
+        return make_seq2seq_loader(ds, tokenizer, batch_size, shuffle=shuffle, seed=seed)
     if SPAN_TARGETS[0] in ds.column_names:  # extractive QA: span targets, no labels
         return DataLoader(
             ds,

@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError
-from .config import CAUSAL_LM, EXTRACTIVE_QA, REGRESSION
+from .config import CAUSAL_LM, EXTRACTIVE_QA, REGRESSION, SEQ2SEQ
 from .data import TaskInfo
 from .instructions import InstructionSettings, evaluate_instructions
 from .keys import ACCURACY, F1, LOSS, NUM_EXAMPLES, PEARSON
 from .prompts import IGNORE_INDEX
 from .qa_metrics import evaluate_qa
+from .seq2seq import evaluate_seq2seq
 
 PERPLEXITY = "perplexity"
 
@@ -75,6 +76,8 @@ def evaluate_model(
     """
     if task.kind == EXTRACTIVE_QA:
         return evaluate_qa(model, loader, task.settings)
+    if task.kind == SEQ2SEQ:  # greedy answers: raffm_core.task.seq2seq
+        return evaluate_seq2seq(model, loader, task, tokenizer)
     if task.kind == CAUSAL_LM:
         metrics = evaluate_lm(model, loader)
         if not isinstance(task.settings, InstructionSettings):

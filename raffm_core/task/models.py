@@ -47,6 +47,7 @@ from .config import (
     EMBEDDED_SMOLLM2,
     EXTRACTIVE_QA,
     REGRESSION,
+    SEQ2SEQ,
 )
 from .data import TaskInfo
 from .pixels import PROCESSOR_FILE, PixelProcessor, processor_for
@@ -370,6 +371,8 @@ def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedMode
     source = resolve_model_source(model_name)
     if task.kind == CAUSAL_LM:
         return from_pretrained(transformers.AutoModelForCausalLM, source).eval()
+    if task.kind == SEQ2SEQ:  # an encoder-decoder keeps its LM head: it answers in words
+        return from_pretrained(transformers.AutoModelForSeq2SeqLM, source).eval()
     if task.kind == EXTRACTIVE_QA:  # a new seeded span head unless the checkpoint has one
         check_qa_model(model_name, load_model_config(model_name).model_type)
         return from_pretrained(
