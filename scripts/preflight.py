@@ -168,6 +168,8 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
         auto = transformers.AutoModelForCausalLM
     if task.info.kind == "extractive-qa":  # start and end logits
         auto, config.num_labels = transformers.AutoModelForQuestionAnswering, 2
+    if task.info.kind == "seq2seq":
+        auto = transformers.AutoModelForSeq2SeqLM
     with torch.device("meta"):
         layout = describe(auto.from_config(config))
     profile = TrainingProfile(

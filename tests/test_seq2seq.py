@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as T
 
+import raffm_core as R
 from raffm_core import DataError
 from raffm_core.task import RunConfig, load_task
 from raffm_core.task.encode import make_loader
@@ -140,3 +143,32 @@ def test_qa_jsonl_with_two_gold_answers_keeps_both(tmp_path):
     rows = [*task.splits.train, *task.splits.test]
     two = [r for r in rows if len(r["references"]) == 2]
     assert len(two) == 1 and two[0]["references"][0] == "the owl" and two[0]["label"] == "the owl"
+
+
+def test_deploy_script_exports_a_t5_that_reloads_with_the_same_answers(tmp_path):
+    import json
+
+    from tests.test_deploy_app import load_script, write_run
+
+    overrides = tiny_t5_task(tmp_path, 40)
+    model_dir = Path(overrides.pop("model-name"))
+    write_run(tmp_path, model_dir, **overrides, **{"max-length": 24, "max-target-length": 3})
+    out = tmp_path / "deployed"
+    assert load_script().main([str(model_dir), "--budget", "params=0.8", "--out", str(out)]) == 0
+    report = json.loads((out / "deploy.json").read_text())
+    assert report["format"] == "transformers" and report["params-fraction"] <= 0.8
+    plain = T.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    assert sum(p.numel() for p in plain.parameters()) == report["params"]
+    task = _task({**overrides, "model-name": str(out), "max-target-length": 3, "seed": 0})
+    encoded = task.encode(task.splits.test, 24)
+    again = evaluate_model(plain, make_loader(encoded, task.preprocessor, 32), task.info)
+    assert again["accuracy"] == pytest.approx(report["accuracy"])
+    assert again["loss"] == pytest.approx(report["loss"], rel=1e-5)
+    # The same answers as the sub-model extracted from the prioritized original.
+    original = T.AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    R.prioritize(original)
+    sub = R.extract_submodel(original, R.SubnetSpec.from_dict(report["spec"]))
+    batch = task.preprocessor(list(task.splits.test["text"]), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = sub.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert torch.equal(plain.generate(**batch, max_new_tokens=3, do_sample=False), want)
