@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 import raffm_core as R
-from raffm_core import DataError
+from raffm_core import ConfigError, DataError
 from raffm_core.task import RunConfig, load_task
 from raffm_core.task.encode import make_loader
 from raffm_core.task.metrics import evaluate_model
@@ -172,3 +172,8 @@ def test_deploy_script_exports_a_t5_that_reloads_with_the_same_answers(tmp_path)
     with torch.no_grad():
         want = sub.generate(**batch, max_new_tokens=3, do_sample=False)
         assert torch.equal(plain.generate(**batch, max_new_tokens=3, do_sample=False), want)
+
+
+def test_lora_on_a_seq2seq_run_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="peft = 'lora' is not implemented for task = 'seq2seq'"):
+        _task({**tiny_t5_task(tmp_path, 20), "task": "auto", "peft": "lora"})

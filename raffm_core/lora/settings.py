@@ -71,6 +71,7 @@ def parse_target_modules(text: str) -> tuple[str, ...]:
 
 def default_target_modules(family: Family) -> tuple[str, ...]:
     """The family's query and value projections (``query,value``; ``q_proj,v_proj``;
-    GPT-2's fused ``c_attn``)."""
-    names = (family.query.rpartition(".")[2], family.value.rpartition(".")[2])
+    GPT-2's fused ``c_attn``; T5's ``q,v``)."""
+    attention = family.layer_stacks()[0].attention[0]
+    names = (attention.query.rpartition(".")[2], attention.value.rpartition(".")[2])
     return tuple(dict.fromkeys(names))
