@@ -98,11 +98,50 @@ def test_central_evaluation_generates_label_words(run_dir):
     summary = read_json(run_dir, "summary.json")
     assert summary["primary-metric"] == "accuracy"
     assert summary["final-accuracy"] is not None and 0.0 <= summary["final-accuracy"] <= 1.0
-    for row in read_json(run_dir, "rounds.json"):
+    rounds = read_json(run_dir, "rounds.json")
+    for row in rounds:
         assert {"accuracy", "loss"} <= set(row)
+    for row in rounds[1:]:  # the nodes generate too, with their own sub-models
+        assert {"accuracy", "loss"} <= set(row["federated-evaluation"])
+    assert rounds[-1]["loss"] < rounds[0]["loss"]  # it learns the label words
     model = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "final-model").eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "final-model")
     assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()  # still untied
     with torch.no_grad():
         out = model.generate(**tokenizer(["sst2 sentence: a good film"], return_tensors="pt"))
     assert out.shape[0] == 1
+
+
+@pytest.fixture(scope="module")
+def qa_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seq2seq-qa-simulation")
+    overrides = {
+        **tiny_t5_task(tmp, 60, qa=True),
+        **every_node(NUM_NODES),
+        **TIMEOUTS,
+        "results-dir": str(tmp / "results"),
+        "num-server-rounds": 1,
+        "budget-profile": ",".join(BUDGETS),
+        "partitioner": "iid",
+        "max-length": 32,
+        "max-target-length": 3,
+        "eval-max-examples": 8,
+        "local-steps": 2,
+        "batch-size": 8,
+        "mixed-precision": "no",
+        "save-models": False,
+    }
+    simulate(overrides, NUM_NODES)
+    return tmp / "results"
+
+
+def test_generative_qa_reports_exact_match_and_token_f1(qa_run):
+    summary = read_json(qa_run, "summary.json")
+    assert summary["primary-metric"] == "f1"
+    assert summary["final-accuracy"] == summary["final-metrics"]["f1"]  # the primary metric
+    rounds = read_json(qa_run, "rounds.json")
+    assert [r["round"] for r in rounds] == [0, 1]
+    for row in rounds:
+        assert {"exact-match", "f1", "loss"} <= set(row) and 0 <= row["f1"] <= 1
+    assert {"exact-match", "f1"} <= set(rounds[1]["federated-evaluation"])
+    assert all(c["status"] == "accepted" for c in rounds[1]["clients"])
