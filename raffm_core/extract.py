@@ -330,13 +330,19 @@ def width_scaler(model: PreTrainedModel) -> Iterator[None]:
     if spec is not None:
         layout = describe(base)
         for layer, kept in zip(layout.layers, spec.layers, strict=True):
-            for role, size, width in (
-                ("attn_out", layout.num_groups, kept.heads),
-                ("ffn_out", layout.ffn_size, kept.ffn),
-            ):
+            for role, path in layer.modules.items():
+                # every attention block's output projection (T5: cross.attn_out too)
+                kind = role.rpartition(".")[2]
+                if kind not in ("attn_out", "ffn_out"):
+                    continue
+                size, width = (
+                    (layout.num_groups, kept.heads)
+                    if kind == "attn_out"
+                    else (layout.ffn_size, kept.ffn)
+                )
                 factor = size / width_count(width)
                 if factor != 1.0:
-                    module = base.get_submodule(layer.modules[role])
+                    module = base.get_submodule(path)
                     handles.append(module.register_forward_pre_hook(_scale_input(factor)))
     try:
         yield

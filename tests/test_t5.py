@@ -285,3 +285,38 @@ def test_unsupported_architecture_lists_t5():
     )  # fmt: skip
     with pytest.raises(R.UnsupportedModelError, match=r"'bart' is not supported.*t5, mt5"):
         R.describe(T.BartForConditionalGeneration(config))
+
+
+def test_width_scaler_rescales_self_and_cross_attention():
+    """HeteroFL's scaler: every attention output projection's input times G / g.
+
+    Pre-hooks run in registration order, so a hook registered before the
+    scaler's sees the input unscaled and one registered after sees it scaled,
+    in the same forward pass.
+    """
+    from raffm_core.extract import width_scaler
+
+    sub = R.extract_submodel(tiny_seq2seq("t5-v1_1"), MIXED)  # decoder: 2 of 4 heads
+    modules = {
+        "self": (sub.decoder.block[1].layer[0].SelfAttention.o, 2.0),
+        "cross": (sub.decoder.block[1].layer[1].EncDecAttention.o, 2.0),
+        "ffn": (sub.decoder.block[1].layer[2].DenseReluDense.wo, 4.0),  # 10 of 40
+    }
+    seen: dict[tuple[str, str], torch.Tensor] = {}
+
+    def capture(name, when):
+        def hook(_module, args):
+            seen[name, when] = args[0].clone()
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(capture(n, "in")) for n, (m, _) in modules.items()]
+    with width_scaler(sub):
+        handles += [
+            m.register_forward_pre_hook(capture(n, "scaled")) for n, (m, _) in modules.items()
+        ]
+        _logits(sub, tiny_seq2seq_inputs())
+    for handle in handles:
+        handle.remove()
+    for name, (_, factor) in modules.items():
+        torch.testing.assert_close(seen[name, "scaled"], seen[name, "in"] * factor)
