@@ -177,3 +177,14 @@ def test_deploy_script_exports_a_t5_that_reloads_with_the_same_answers(tmp_path)
 def test_lora_on_a_seq2seq_run_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="peft = 'lora' is not implemented for task = 'seq2seq'"):
         _task({**tiny_t5_task(tmp_path, 20), "task": "auto", "peft": "lora"})
+
+
+def test_preflight_passes_a_t5_run_and_names_a_task_it_cannot_do(tmp_path, capsys):
+    from tests.test_preflight import preflight
+
+    overrides = tiny_t5_task(tmp_path, 40)
+    args = [f"{k}={v!r}".replace("'", '"') for k, v in overrides.items()]
+    args += ["min-available-nodes=3", 'budget-profile="params=0.6,params=1.0"']
+    assert preflight.main(args) == 0
+    assert preflight.main([*args, 'task="classification"']) == 2
+    assert "use task = 'seq2seq'" in capsys.readouterr().err

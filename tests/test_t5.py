@@ -320,3 +320,18 @@ def test_width_scaler_rescales_self_and_cross_attention():
         handle.remove()
     for name, (_, factor) in modules.items():
         torch.testing.assert_close(seen[name, "scaled"], seen[name, "in"] * factor)
+
+
+@pytest.mark.parametrize("tail", [None, 0.5], ids=["fedrolex", "rolling-tail"])
+def test_rolling_windows_keep_one_head_set_per_stack(tail):
+    from raffm_core.rolling import rolling_spec, rolling_tail_spec
+
+    layout = R.describe(tiny_seq2seq("t5"))
+    widths = _stack_spec(3, [20, 10], 2, [8, 30, 40])
+    for server_round in range(5):
+        if tail is None:
+            spec = rolling_spec(layout, widths, server_round)
+        else:
+            spec = rolling_tail_spec(layout, widths, server_round, tail)
+        layout.check_spec(spec)  # a stack's layers keep the same heads
+        assert [R.spec.width_count(x.heads) for x in spec.layers] == [3, 3, 2, 2, 2]
