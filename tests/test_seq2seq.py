@@ -152,14 +152,14 @@ def test_deploy_script_exports_a_t5_that_reloads_with_the_same_answers(tmp_path)
 
     overrides = tiny_t5_task(tmp_path, 40)
     model_dir = Path(overrides.pop("model-name"))
-    write_run(tmp_path, model_dir, **overrides, **{"max-length": 24, "max-target-length": 3})
+    write_run(tmp_path, model_dir, **overrides, **{"max-length": 24, "max-new-tokens": 3})
     out = tmp_path / "deployed"
     assert load_script().main([str(model_dir), "--budget", "params=0.8", "--out", str(out)]) == 0
     report = json.loads((out / "deploy.json").read_text())
     assert report["format"] == "transformers" and report["params-fraction"] <= 0.8
     plain = T.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
     assert sum(p.numel() for p in plain.parameters()) == report["params"]
-    task = _task({**overrides, "model-name": str(out), "max-target-length": 3, "seed": 0})
+    task = _task({**overrides, "model-name": str(out), "max-new-tokens": 3, "seed": 0})
     encoded = task.encode(task.splits.test, 24)
     again = evaluate_model(plain, make_loader(encoded, task.preprocessor, 32), task.info)
     assert again["accuracy"] == pytest.approx(report["accuracy"])
@@ -176,7 +176,9 @@ def test_deploy_script_exports_a_t5_that_reloads_with_the_same_answers(tmp_path)
 
 def test_lora_on_a_seq2seq_run_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="peft = 'lora' is not implemented for task = 'seq2seq'"):
-        _task({**tiny_t5_task(tmp_path, 20), "task": "auto", "peft": "lora"})
+        overrides = {**tiny_t5_task(tmp_path, 20), "task": "auto", "peft": "lora"}
+        del overrides["prompt-template"]  # auto takes none
+        _task(overrides)
 
 
 def test_preflight_passes_a_t5_run_and_names_a_task_it_cannot_do(tmp_path, capsys):
@@ -186,5 +188,6 @@ def test_preflight_passes_a_t5_run_and_names_a_task_it_cannot_do(tmp_path, capsy
     args = [f"{k}={v!r}".replace("'", '"') for k, v in overrides.items()]
     args += ["min-available-nodes=3", 'budget-profile="params=0.6,params=1.0"']
     assert preflight.main(args) == 0
-    assert preflight.main([*args, 'task="classification"']) == 2
+    plain = [a for a in args if not a.startswith(("prompt-template=", "task="))]
+    assert preflight.main([*plain, 'task="classification"']) == 2
     assert "use task = 'seq2seq'" in capsys.readouterr().err

@@ -124,7 +124,7 @@ def qa_run(tmp_path_factory):
         "budget-profile": ",".join(BUDGETS),
         "partitioner": "iid",
         "max-length": 32,
-        "max-target-length": 3,
+        "max-new-tokens": 3,
         "eval-max-examples": 8,
         "local-steps": 2,
         "batch-size": 8,
