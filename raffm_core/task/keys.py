@@ -48,9 +48,8 @@ PEAK_MEMORY_MB = "peak-memory-mb"
 LOSS = "loss"
 ACCURACY = "accuracy"
 F1 = "f1"
-EXACT_MATCH = "exact-match"  # extractive QA (with F1) and generated answers of instruction data
+EXACT_MATCH = "exact-match"  # extractive QA (with F1), generated answers (instructions, seq2seq)
 PEARSON = "pearson"
-EXACT_MATCH = "exact-match"  # seq2seq free-form answers (SQuAD's EM)
 
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_TIME_S, TRAIN_STEPS, PEAK_MEMORY_MB)
 """Metrics every train reply carries (the strategy rejects a reply without one)."""
