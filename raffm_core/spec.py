@@ -17,7 +17,36 @@ which is what prioritization makes most salient), a tuple keeps exactly those
 unit indices (sorted, unique), as rolling windows need."""
 
 
+def _runs_to_indices(text: str, what: str) -> list[int]:
+    """``"0-131,1100-1231"`` (inclusive runs; a lone ``"7"`` is one unit) to indices."""
+    indices: list[int] = []
+    for part in text.split(","):
+        first, sep, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last) if sep else int(first)
+        except ValueError:
+            raise SpecError(f"{what}: {part!r} is not a run like '3' or '3-9'") from None
+        if hi < lo:
+            raise SpecError(f"{what}: run {part!r} ends before it starts")
+        indices.extend(range(lo, hi + 1))
+    return indices
+
+
+def _indices_to_runs(indices: tuple[int, ...]) -> str:
+    """Inverse of :func:`_runs_to_indices` for sorted, unique indices."""
+    runs, start, prev = [], indices[0], indices[0]
+    for i in indices[1:]:
+        if i != prev + 1:
+            runs.append((start, prev))
+            start = i
+        prev = i
+    runs.append((start, prev))
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _normalize(value: Any, what: str) -> Width:
+    if isinstance(value, str):
+        value = _runs_to_indices(value, what)
     if isinstance(value, bool):
         raise SpecError(f"{what}: expected an int or a list of ints, got {value!r}")
     if isinstance(value, int):
@@ -105,10 +134,15 @@ class SubnetSpec:
         return all(layer.is_prefix for layer in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable form; lists stand for explicit index sets."""
+        """A JSON-serializable form; an index set is a string of inclusive runs.
 
-        def dump(width: Width) -> int | list[int]:
-            return width if isinstance(width, int) else list(width)
+        ``"0-131,1100-1231"`` keeps units 0..131 and 1100..1231: a rolling
+        window of hundreds of FFN neurons takes a few bytes instead of a list of
+        every index. :meth:`from_dict` also reads plain lists of indices.
+        """
+
+        def dump(width: Width) -> int | str:
+            return width if isinstance(width, int) else _indices_to_runs(width)
 
         return {
             "format": SPEC_FORMAT_VERSION,

@@ -74,7 +74,7 @@ def test_a_new_head_is_one_line_not_transformers_load_report(tmp_path, caplog, c
     saved = save_tiny_bert(tmp_path / "clf")
     config = T.AutoConfig.from_pretrained(saved)
     T.BertModel(config).save_pretrained(tmp_path / "base")  # no head, as MiniLM ships
-    with caplog.at_level(logging.INFO, logger="raffm_core.task.models"):
+    with caplog.at_level(logging.INFO, logger="raffm_core.task.pretrained"):
         load_model(str(tmp_path / "base"), TaskInfo("classification", ("a", "b", "c")))
     captured = capfd.readouterr()
     assert "LOAD REPORT" not in captured.err + captured.out + caplog.text

@@ -145,3 +145,20 @@ def test_index_sets_are_canonical():
 def test_bad_spec_dict_is_an_error(data, message):
     with pytest.raises(R.SpecError, match=message):
         R.SubnetSpec.from_dict(data)
+
+
+def test_index_sets_travel_as_runs_and_plain_lists_still_read():
+    spec = R.SubnetSpec((R.LayerSpec([0, 1, 5], [*range(10), *range(30, 40), 45]),))
+    layer = spec.to_dict()["layers"][0]
+    assert layer == {"heads": "0-1,5", "ffn": "0-9,30-39,45"}
+    assert R.SubnetSpec.from_dict(spec.to_dict()) == spec
+    as_lists = {
+        "format": 1,
+        "layers": [{"heads": [0, 1, 5], "ffn": [*range(10), *range(30, 40), 45]}],
+    }
+    assert R.SubnetSpec.from_dict(as_lists) == spec
+    for bad in ("3-1", "a-b", "1,,2"):
+        with pytest.raises(R.SpecError):
+            R.LayerSpec(bad, 4)
+    with pytest.raises(R.SpecError, match="unique"):
+        R.LayerSpec("0-3,2-5", 4)

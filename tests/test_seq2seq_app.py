@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from raffm_core import SubnetSpec, describe, permute_state, rank_units
+from raffm_core import SubnetSpec
 from tests.seq2seq_assets import tiny_t5_task
 from tests.sim import TIMEOUTS, every_node, read_json, simulate
+from tests.slices import assert_changed_only_inside_held_slices
 
 NUM_NODES = 3
 ROUNDS = 2
@@ -46,11 +47,6 @@ def run_dir(tmp_path_factory):
     return tmp / "results"
 
 
-def _state(path) -> dict[str, torch.Tensor]:
-    model = AutoModelForSeq2SeqLM.from_pretrained(path)
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def test_nodes_held_different_t5_submodels(run_dir):
     rounds = read_json(run_dir, "rounds.json")
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
@@ -67,31 +63,10 @@ def test_nodes_held_different_t5_submodels(run_dir):
 
 
 def test_global_t5_changed_only_inside_the_slices_held(run_dir):
-    rounds = read_json(run_dir, "rounds.json")
-    model = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "round-models" / "round-0")
-    layout = describe(model)
-    assert layout.model_class == "T5ForConditionalGeneration"
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    for row in rounds[1:]:
-        after = _state(run_dir / "round-models" / f"round-{row['round']}")
-        prioritized = {k: v.clone() for k, v in before.items()}
-        permute_state(prioritized, layout, rank_units(prioritized, layout))
-        covered = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in before.items()}
-        for client in row["clients"]:
-            spec = SubnetSpec.from_dict(client["spec"])
-            for key, shape in layout.sub_shapes(spec).items():
-                covered[key][tuple(slice(0, n) for n in shape)] = True  # prefix slices
-        changed = 0
-        for key in before:
-            assert torch.equal(after[key][~covered[key]], prioritized[key][~covered[key]]), key
-            changed += int((after[key] != prioritized[key]).sum())
-        assert changed > 0
-        uncovered = {k: int((~c).sum()) for k, c in covered.items() if (~c).any()}
-        assert uncovered, "every element was covered: the test would be vacuous"
-        # Untouched parts include decoder cross-attention and a position-bias column.
-        assert any("EncDecAttention" in k for k in uncovered)
-        assert any("relative_attention_bias" in k for k in uncovered)
-        before = after
+    uncovered = assert_changed_only_inside_held_slices(run_dir, AutoModelForSeq2SeqLM)
+    # Untouched parts include decoder cross-attention and a position-bias column.
+    assert any("EncDecAttention" in k for k in uncovered)
+    assert any("relative_attention_bias" in k for k in uncovered)
 
 
 def test_central_evaluation_generates_label_words(run_dir):

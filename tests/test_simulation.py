@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from raffm_core import SubnetSpec, describe, permute_state, rank_units
 from tests.assets import tiny_bert_task
 from tests.sim import TIMEOUTS, every_node, read_json, simulate
+from tests.slices import assert_changed_only_inside_held_slices
 
 NUM_NODES = 3
 ROUNDS = 2
@@ -60,26 +60,7 @@ def test_clients_received_different_spec_sizes(run_dir):
 
 
 def test_global_model_changed_only_where_some_slice_covered_it(run_dir):
-    rounds = read_json(run_dir, "rounds.json")
-    model, before = load_state(run_dir / "round-models" / "round-0")
-    layout = describe(model)
-    for row in rounds[1:]:
-        _, after = load_state(run_dir / "round-models" / f"round-{row['round']}")
-        prioritized = {k: v.clone() for k, v in before.items()}
-        permute_state(prioritized, layout, rank_units(prioritized, layout))
-        covered = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in before.items()}
-        for client in row["clients"]:
-            spec = SubnetSpec.from_dict(client["spec"])
-            for key, shape in layout.sub_shapes(spec).items():
-                covered[key][tuple(slice(0, n) for n in shape)] = True  # prefix slices
-        changed = 0
-        for key in before:
-            assert torch.equal(after[key][~covered[key]], prioritized[key][~covered[key]]), key
-            changed += int((after[key] != prioritized[key]).sum())
-        assert changed > 0
-        uncovered = sum(int((~c).sum()) for c in covered.values())
-        assert uncovered > 0  # the test would be vacuous if every element were covered
-        before = after
+    assert_changed_only_inside_held_slices(run_dir, AutoModelForSequenceClassification)
 
 
 def test_metrics_and_outputs_are_present(run_dir):

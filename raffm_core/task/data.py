@@ -20,7 +20,6 @@ uses it for central evaluation and the ClientApp for local training.
 
 from __future__ import annotations
 
-import codecs
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,18 +29,10 @@ from typing import Any
 import datasets
 
 from ..errors import DataError
-from .checks import count_blank, decode_error, looks_like_data
+from .checks import count_blank, looks_like_data
 from .config import CAUSAL_LM, CLASSIFICATION, REGRESSION, SEQ2SEQ, RunConfig
+from .files import LOCAL_FORMATS, read_local_file
 from .keys import ACCURACY, PEARSON
-
-LOCAL_FORMATS = {
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-}
-"""File suffix of a local dataset to the ``datasets`` builder that reads it."""
 
 TEXT, TEXT_PAIR, IMAGE, LABEL = "text", "text_pair", "image", "label"
 """The normalized column names."""
@@ -198,40 +189,7 @@ def _load_split(spec: DatasetSpec, split: str) -> datasets.Dataset:
             )
         if not Path(path).is_file():
             raise DataError(f"dataset file {path} does not exist")
-        builder = LOCAL_FORMATS[Path(path).suffix.lower()]
-        kwargs = {"delimiter": "\t"} if Path(path).suffix.lower() == ".tsv" else {}
-        if builder in ("csv", "json"):
-            encoding = spec.encoding
-            if builder == "json" and codecs.lookup(encoding).name == "utf-8":
-                # datasets' json reader applies encoding_errors only when the
-                # encoding is not spelled "utf-8"; "utf_8" is the same codec
-                encoding = "utf_8" if spec.encoding_errors != "strict" else "utf-8"
-            kwargs.update(encoding=encoding, encoding_errors=spec.encoding_errors)
-        try:
-            if builder == "csv" and spec.encoding_errors != "strict":
-                # datasets 4.8 drops encoding_errors under pandas >= 3 (its version check
-                # reads minor >= 3), so replacing bytes needs pandas' own reader
-                import pandas as pd
-
-                frame = pd.read_csv(
-                    path,
-                    sep=kwargs.get("delimiter", ","),
-                    **{k: kwargs[k] for k in ("encoding", "encoding_errors")},
-                )
-                return datasets.Dataset.from_pandas(frame, preserve_index=False)
-            return datasets.load_dataset(
-                builder, data_files=path, split="train", keep_in_memory=True, **kwargs
-            )
-        except Exception as err:
-            decode = decode_error(err)
-            if decode is None:
-                raise
-            raise DataError(
-                f"dataset file {path} is not valid {spec.encoding} ({decode.reason} at byte "
-                f"{decode.start}); set the run-config key dataset-encoding to the file's "
-                "encoding (e.g. 'latin-1', 'cp1252'), or dataset-encoding-errors = 'replace' "
-                "to replace the undecodable bytes"
-            ) from err
+        return read_local_file(path, spec.encoding, spec.encoding_errors)
     try:
         return datasets.load_dataset(spec.source, spec.config_name or None, split=split)
     except (FileNotFoundError, ValueError) as err:

@@ -7,7 +7,6 @@ batches a split itself (it has ``encode_split`` and ``make_loader``).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from .config import CAUSAL_LM, EXTRACTIVE_QA, SEQ2SEQ
 from .data import LABEL, TEXT, TEXT_PAIR, TaskInfo
 from .instructions import INSTRUCTION_METADATA, InstructionSettings, PromptTemplate, encode_prompts
+from .maps import map_batches
 from .prompts import IGNORE_INDEX, PROMPT_TEMPLATE, encode_instructions, response_words
 from .qa import QA_METADATA, encode_qa
 from .seq2seq import REFERENCES, encode_seq2seq, make_seq2seq_loader
@@ -49,25 +49,7 @@ def encode(
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
         return {**enc, "labels": batch[LABEL]}
 
-    return ds.map(
-        tokenize,
-        batched=True,
-        remove_columns=ds.column_names,
-        keep_in_memory=True,
-        new_fingerprint=derived_fingerprint(ds, "tokenized", tokenizer, max_length),
-    )
-
-
-def derived_fingerprint(ds: datasets.Dataset, step: str, *settings: Any) -> str:
-    """A fingerprint for ``ds`` after ``step`` with ``settings``, without pickling them.
-
-    ``datasets`` otherwise hashes the mapped function with dill, tokenizer
-    included: about 2.4 s per call for MiniLM's, which made encoding a
-    30-sentence partition take 5 s on every client message. The result is
-    kept in memory, so the fingerprint only has to be unique, not a cache key.
-    """
-    names = ",".join(getattr(s, "name_or_path", None) or repr(s) for s in settings)
-    return hashlib.sha256(f"{ds._fingerprint}|{step}|{names}".encode()).hexdigest()[:32]
+    return map_batches(ds, tokenize, "tokenized", tokenizer, max_length)
 
 
 def encode_task(

@@ -22,7 +22,6 @@ the end of the response. Evaluation generates greedily, at most
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import string
@@ -38,6 +37,7 @@ from ..errors import DataError
 from .config import CAUSAL_LM, RunConfig
 from .data import DatasetSpec, Splits, TaskInfo, _load_split, build_splits
 from .keys import EXACT_MATCH
+from .maps import map_batches
 from .prompts import IGNORE_INDEX
 
 PROMPT, RESPONSE, PROMPT_LENGTH = "prompt", "response", "prompt_length"
@@ -109,15 +109,7 @@ def load_instruction_splits(cfg: RunConfig) -> Splits:
                 RESPONSE: [as_text(batch[response][i]) for i in rows],
             }
 
-        return ds.map(
-            build,
-            batched=True,
-            remove_columns=ds.column_names,
-            keep_in_memory=True,
-            new_fingerprint=hashlib.sha256(
-                f"{ds._fingerprint}|instructions|{template}|{response}".encode()
-            ).hexdigest()[:32],
-        )
+        return map_batches(ds, build, "instructions", template, response)
 
     def task_of(train: datasets.Dataset) -> TaskInfo:
         return TaskInfo(CAUSAL_LM, (), InstructionSettings(cfg.max_new_tokens))
@@ -161,15 +153,7 @@ def encode_prompts(
             out[PROMPT_LENGTH].append(len(head))
         return {**out, RESPONSE: batch[RESPONSE]}
 
-    return ds.map(
-        tokenize,
-        batched=True,
-        remove_columns=ds.column_names,
-        keep_in_memory=True,
-        new_fingerprint=hashlib.sha256(
-            f"{ds._fingerprint}|prompt-response|{tokenizer.name_or_path}|{max_length}".encode()
-        ).hexdigest()[:32],
-    )
+    return map_batches(ds, tokenize, "prompt-response", tokenizer, max_length)
 
 
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(,\d{3})+(\.\d*)?$")

@@ -51,6 +51,7 @@ from .config import (
 )
 from .data import TaskInfo
 from .pixels import PROCESSOR_FILE, PixelProcessor, processor_for
+from .pretrained import from_pretrained
 from .qa import check_qa_model
 from .smollm2 import materialize_smollm2
 
@@ -315,46 +316,6 @@ def tokens_per_example(model_name: str, max_length: int) -> int:
     if is_image_model(model_name):
         return image_tokens(load_model_config(model_name))
     return max_length
-
-
-def _drop_load_report(record: logging.LogRecord) -> bool:
-    return "LOAD REPORT" not in str(record.msg)
-
-
-def from_pretrained(auto: type, source: str, **kwargs: Any) -> PreTrainedModel:
-    """``auto.from_pretrained(source, **kwargs)``, with one log line instead of the load report.
-
-    transformers prints a table of every key it did not load; for a new task
-    head that is expected (``classifier.weight MISSING``) and only noise. Here
-    a new head is one INFO line; a missing weight outside the head (the model
-    would run half untrained) is a WARNING that names the keys.
-    """
-    # Drop only the report: raising the logger's level instead makes transformers 5.23
-    # run (and log) its tensor-parallel plan check, which it skips below WARNING.
-    quiet = logging.getLogger("transformers.modeling_utils")
-    quiet.addFilter(_drop_load_report)
-    try:
-        model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
-    finally:
-        quiet.removeFilter(_drop_load_report)
-    missing = sorted(info.get("missing_keys", ()))
-    mismatched = sorted(
-        str(m[0]) if isinstance(m, tuple | list) else str(m)
-        for m in info.get("mismatched_keys", ())
-    )
-    prefix = f"{model.base_model_prefix}."
-    in_base = [k for k in missing if k.startswith(prefix)]
-    if in_base:
-        logger.warning(
-            "%s: %d weights of the base model are not in the checkpoint and start random: %s",
-            source,
-            len(in_base),
-            ", ".join(in_base[:5]) + (" ..." if len(in_base) > 5 else ""),
-        )
-    new = [k for k in [*missing, *mismatched] if not k.startswith(prefix)]
-    if new:
-        logger.info("%s: new task head %s (seeded)", source, ", ".join(new))
-    return model
 
 
 def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedModel:

@@ -20,7 +20,6 @@ rows (it pads token-level labels with ``-100``).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError
 from .data import LABEL, TEXT
+from .maps import map_batches
 
 PROMPT_TEMPLATE = "Review: {text}\nSentiment:"
 """Default prompt; ``{text}`` is the sentence. The response follows after a space."""
@@ -119,16 +119,7 @@ def encode_instructions(
             labels.append([IGNORE_INDEX] * len(prompt) + answer)
         return {"input_ids": ids, "attention_mask": masks, "labels": labels}
 
-    return ds.map(
-        tokenize,
-        batched=True,
-        remove_columns=ds.column_names,
-        keep_in_memory=True,
-        # no dill hash of the tokenizer (seconds per call); the result stays in memory
-        new_fingerprint=hashlib.sha256(
-            f"{ds._fingerprint}|prompts|{tokenizer.name_or_path}|{max_length}|{words}|{template}".encode()
-        ).hexdigest()[:32],
-    )
+    return map_batches(ds, tokenize, "prompts", tokenizer, max_length, words, template)
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

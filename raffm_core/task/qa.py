@@ -22,7 +22,6 @@ weight ``(2, hidden)``) is not elastic and travels whole.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +32,7 @@ from ..errors import DataError, UnsupportedModelError
 from .config import EXTRACTIVE_QA, RunConfig
 from .data import DatasetSpec, Splits, TaskInfo, _load_split, build_splits, take_columns
 from .keys import F1
+from .maps import map_batches
 
 ID, QUESTION, CONTEXT, ANSWERS = "id", "question", "context", "answers"
 """The normalized columns of a question-answering split."""
@@ -261,15 +261,7 @@ def encode_qa(
             out[CLS_INDEX].append(cls)
         return out
 
-    return ds.map(
-        tokenize,
-        batched=True,
-        remove_columns=ds.column_names,
-        keep_in_memory=True,
-        new_fingerprint=hashlib.sha256(
-            f"{ds._fingerprint}|qa|{tokenizer.name_or_path}|{max_length}|{settings}".encode()
-        ).hexdigest()[:32],
-    )
+    return map_batches(ds, tokenize, "qa", tokenizer, max_length, settings)
 
 
 __all__ = [

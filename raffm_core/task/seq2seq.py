@@ -24,7 +24,6 @@ label words score ``accuracy``; free-form answers ``exact-match`` and token
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import string
 from collections import Counter
@@ -42,6 +41,7 @@ from .config import CLASSIFICATION, SEQ2SEQ, RunConfig
 from .data import LABEL, TEXT, DatasetSpec, Splits, TaskInfo, _load_split, build_splits
 from .instructions import as_text, template_fields
 from .keys import ACCURACY, EXACT_MATCH, F1, LOSS, NUM_EXAMPLES
+from .maps import map_batches
 from .models import load_model_config
 from .prompts import IGNORE_INDEX, response_words
 
@@ -133,15 +133,8 @@ def load_seq2seq_splits(cfg: RunConfig) -> Splits:
         features = {TEXT: text, LABEL: ds.features[target]}
         if free_form:
             features.update({LABEL: text, REFERENCES: datasets.Sequence(text)})
-        return ds.map(
-            render,
-            batched=True,
-            remove_columns=ds.column_names,
-            features=datasets.Features(features),
-            keep_in_memory=True,
-            new_fingerprint=hashlib.sha256(
-                f"{ds._fingerprint}|seq2seq|{template}|{target}|{free_form}".encode()
-            ).hexdigest()[:32],
+        return map_batches(
+            ds, render, "seq2seq", template, target, free_form, features=datasets.Features(features)
         )
 
     settings = Seq2SeqSettings(cfg.max_new_tokens, free_form)
@@ -185,16 +178,7 @@ def encode_seq2seq(
         }
 
     settings = f"{tokenizer.name_or_path}|{max_length}|{target_length}|{words}"
-    return ds.map(
-        tokenize,
-        batched=True,
-        remove_columns=ds.column_names,
-        keep_in_memory=True,
-        # no dill hash of the tokenizer (seconds per call); the result stays in memory
-        new_fingerprint=hashlib.sha256(
-            f"{ds._fingerprint}|seq2seq|{settings}".encode()
-        ).hexdigest()[:32],
-    )
+    return map_batches(ds, tokenize, "seq2seq", settings)
 
 
 class Seq2SeqBatch(dict):
