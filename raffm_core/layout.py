@@ -146,6 +146,17 @@ class ModelLayout:
         """Parameters the sub-model holds (embeddings and task head included)."""
         return sum(prod(s) for k, s in self.sub_shapes(spec).items() if k not in self.tied)
 
+    def elastic_fraction(self, spec: SubnetSpec) -> float:
+        """Share of the elastic tensors' parameters (heads, FFN neurons) ``spec`` keeps.
+
+        Embeddings, norms and the task head, which every sub-model holds
+        whole, are left out: a sub-model keeping 1 of 12 heads counts as
+        small even where the embeddings are most of its parameters.
+        """
+        kept = self.sub_shapes(spec)
+        elastic = [k for k in self.slices(self.full_spec()) if k not in self.tied]
+        return sum(prod(kept[k]) for k in elastic) / sum(prod(self.shapes[k]) for k in elastic)
+
     def unit_params(self) -> tuple[int, int]:
         """Parameters per head group and per FFN neuron, in one layer."""
         layer = self.layers[0]

@@ -129,6 +129,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "heterofl-scaler": {"strategy": "heterofl", "width-scaler": True},
     "fedrolex-scaler": {"strategy": "fedrolex", "width-scaler": True},
     "raffm-tail-scaler": {"strategy": "raffm", "rolling-tail": 0.5, "width-scaler": True},
+    "raffm-w1": {"strategy": "raffm", "width-weight-power": 1.0},
+    "raffm-w2": {"strategy": "raffm", "width-weight-power": 2.0},
+    "heterofl-w1": {"strategy": "heterofl", "width-weight-power": 1.0},
 }
 """Candidate and ablation rows (diagnosis, choosing ``raffm``'s defaults); run with ``--rows``."""
 

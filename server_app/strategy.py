@@ -113,9 +113,11 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
     query_timeout : float
         Seconds to wait for nodes to register, and for budget replies.
     width_weight_power : float
-        A reply's aggregation weight is ``num-examples x params_fraction **
-        width_weight_power`` (0: FedAvg's ``num-examples``), so clients that
-        held less of the model pull less on the units they share.
+        A reply's aggregation weight is ``num-examples x elastic_fraction **
+        width_weight_power`` (0: FedAvg's ``num-examples``), where
+        :meth:`ModelLayout.elastic_fraction` is the share of the heads' and FFN
+        neurons' parameters its sub-model held, so clients that held less of
+        the model pull less on the units they share.
     rolling_tail : float
         Share of each sub-model's width, in ``[0, 1)``, that is a window
         rolling over the less salient units
@@ -268,7 +270,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
                     self.max_num_examples,
                     sent.client.node_id,
                 ),
-                sent.client.params_fraction,
+                sent.spec,
             ),
         )
         if len(accepted) < self.min_replies:
@@ -326,10 +328,11 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         return rolling_tail_spec(self.layout, widths, server_round, self.rolling_tail)
 
     # -------------------------------------------------------------- helpers
-    def _weigh(self, update: Update, params_fraction: float) -> Update:
+    def _weigh(self, update: Update, spec: SubnetSpec) -> Update:
         if not self.width_weight_power:
             return update
-        weight = update.num_examples * params_fraction**self.width_weight_power
+        held = self.layout.elastic_fraction(spec)
+        weight = update.num_examples * held**self.width_weight_power
         return dataclasses.replace(update, weight=weight)
 
     def _instruct(

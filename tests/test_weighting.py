@@ -46,14 +46,47 @@ def test_a_bad_weight_is_rejected(model, weight):
         R.aggregate(model.state_dict(), [R.Update(spec, state, n, weight=weight)], layout)
 
 
-@pytest.mark.parametrize("power, expected", [(0.0, 40), (1.0, 40 * 0.5), (2.0, 40 * 0.25)])
-def test_width_weight_power_scales_by_the_held_fraction(model, power, expected):
-    strategy = RaFFM(R.describe(model), "{}", width_weight_power=power)
-    update = R.Update(R.describe(model).full_spec(), {}, 40)
-    weighed = strategy._weigh(update, 0.5)
-    assert (weighed.weight if weighed.weight is not None else weighed.num_examples) == expected
+_ELASTIC = (
+    "attention.self.query.",
+    "attention.self.key.",
+    "attention.self.value.",
+    "attention.output.dense.weight",
+    "intermediate.dense.",
+    "output.dense.weight",
+)
+
+
+def _elastic_params(model: torch.nn.Module) -> int:
+    """Parameters of a BERT's head and FFN tensors, counted from the module itself."""
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if ".layer." in name and any(part in name for part in _ELASTIC)
+    )
+
+
+@pytest.mark.parametrize("heads, ffn", [(1, 8), (2, 24), (4, 37)])
+def test_elastic_fraction_counts_the_heads_and_neurons_a_real_submodel_holds(model, heads, ffn):
+    layout = R.describe(model)
+    spec = R.SubnetSpec.uniform(layout.num_layers, heads, ffn)
+    sub = R.build_submodel(model, spec)
+    want = _elastic_params(sub) / _elastic_params(model)
+    assert layout.elastic_fraction(spec) == pytest.approx(want, rel=1e-12)
+    assert layout.elastic_fraction(layout.full_spec()) == 1.0
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0, 2.0])
+def test_width_weight_power_scales_by_the_held_elastic_fraction(model, power):
+    layout = R.describe(model)
+    strategy = RaFFM(layout, "{}", width_weight_power=power)
+    spec = R.SubnetSpec.uniform(layout.num_layers, 1, 8)
+    weighed = strategy._weigh(R.Update(spec, {}, 40), spec)
+    held = _elastic_params(R.build_submodel(model, spec)) / _elastic_params(model)
+    got = weighed.weight if weighed.weight is not None else weighed.num_examples
+    assert got == pytest.approx(40 * held**power)
+    assert power == 0.0 or got < 40  # a smaller sub-model pulls less
     with pytest.raises(ValueError, match="width_weight_power must be >= 0"):
-        RaFFM(R.describe(model), "{}", width_weight_power=-1.0)
+        RaFFM(layout, "{}", width_weight_power=-1.0)
 
 
 def _two_class_split(n: int = 8) -> datasets.Dataset:
