@@ -87,6 +87,7 @@ FEDERATIONS: dict[str, Federation] = {
         nodes=10,
         rounds=12,
         overrides={
+            "local-steps": 12,
             "fraction-train": 1.0,
             "min-available-nodes": 10,
             "budget-assignment": "round-robin",
@@ -102,7 +103,9 @@ COMMON: dict[str, Any] = {
     "validation-fraction": 0.1,
     "eval-max-examples": 400,
     "local-steps": 4,
-    "lr": 3e-4,
+    "lr": 1e-4,
+    "masked-loss": True,
+    "width-scaler": False,
     "save-models": False,
     "min-replies": 1,
 }
@@ -327,8 +330,44 @@ def run_one(spec_json: str) -> None:
     federation = FEDERATIONS[spec["federation"]]
     if ALL_ROWS[spec["row"]] is None:
         train_centralized(overrides, federation)
+    elif nobody_holds_the_full_model(overrides):
+        untrained(overrides, federation)
     else:
         simulate(overrides, federation.nodes)
+
+
+def nobody_holds_the_full_model(overrides: dict[str, Any]) -> bool:
+    """FedAvg with honest exclusion, and every budget of the profile below the full model.
+
+    Only ``params=`` fractions are decided here; other budgets go to the run.
+    """
+    from raffm_core.budget import Budget
+
+    if overrides.get("strategy") != "fedavg" or overrides.get("fedavg-train-all"):
+        return False
+    budgets = [Budget.parse(b) for b in str(overrides["budget-profile"]).split(",") if b.strip()]
+    return all(b.kind == "params" and b.relative and b.value < 1.0 for b in budgets)
+
+
+def untrained(overrides: dict[str, Any], federation: Federation) -> None:
+    """The ``fedavg`` row when no client can hold the full model: nobody trains.
+
+    The run is not a failure but the honest result: the model stays the
+    initial one, scored once, and every client is excluded in every round.
+    """
+    train_centralized({**overrides, "num-server-rounds": 0}, federation)
+    folder = Path(overrides["results-dir"])
+    summary = read_json(folder / "summary.json")
+    summary.update(
+        {
+            "rounds": overrides["num-server-rounds"],
+            "mean-client-params-fraction": 0.0,
+            "communication-ratio": 0.0,
+            "clients-excluded": federation.nodes,
+            "note": "no client's budget holds the full model; nothing was trained",
+        }
+    )
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------ report

@@ -91,3 +91,20 @@ def test_variant_rows_differ_from_their_base_only_in_their_keys(row):
     variant = benchmark.run_overrides(FED, row, 1, False, {})
     changed = {k: v for k, v in variant.items() if base.get(k) != v and k != "save-models"}
     assert changed == {k: v for k, v in benchmark.VARIANTS[row].items() if k != "strategy"}
+
+
+@pytest.mark.parametrize(
+    "row, profile, expected",
+    [
+        ("fedavg", "params=0.6,params=0.7,params=0.8", True),  # nobody trains: scored untrained
+        ("fedavg", "params=0.6,params=1.0", False),  # the full-budget clients train
+        ("fedavg", "memory-mb=900", False),  # memory budgets: the run decides
+        ("fedavg-train-all", "params=0.6", False),  # trains everyone regardless
+        ("heterofl", "params=0.6", False),
+    ],
+)
+def test_fedavg_without_a_client_that_holds_the_full_model_is_scored_untrained(
+    row, profile, expected
+):
+    overrides = benchmark.run_overrides(FED, row, 1, False, {"budget-profile": profile})
+    assert benchmark.nobody_holds_the_full_model(overrides) is expected
