@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Pooled fine-tuning, seed {args.seed}, validation accuracy (most predicted class's "
         f"share in brackets); command: `.venv/bin/python scripts/pilot_recipe.py "
-        f"--seed {args.seed}`",
+        f"{' '.join(sys.argv[1:] if argv is None else argv)}`",
         "",
         f"| lr | model | scaler | {header} |",
         "| --- | --- | --- |" + " ---: |" * args.chunks,
