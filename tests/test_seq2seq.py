@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 import raffm_core as R
-from raffm_core import ConfigError, DataError, UnsupportedModelError
+from raffm_core import DataError, UnsupportedModelError
 from raffm_core.task import RunConfig, load_task
 from raffm_core.task.encode import make_loader
 from raffm_core.task.metrics import evaluate_model
@@ -172,13 +172,6 @@ def test_deploy_script_exports_a_t5_that_reloads_with_the_same_answers(tmp_path)
     with torch.no_grad():
         want = sub.generate(**batch, max_new_tokens=3, do_sample=False)
         assert torch.equal(plain.generate(**batch, max_new_tokens=3, do_sample=False), want)
-
-
-def test_lora_on_a_seq2seq_run_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="peft = 'lora' is not implemented for task = 'seq2seq'"):
-        overrides = {**tiny_t5_task(tmp_path, 20), "task": "auto", "peft": "lora"}
-        del overrides["prompt-template"]  # auto takes none
-        _task(overrides)
 
 
 def test_preflight_passes_a_t5_run_and_names_a_task_it_cannot_do(tmp_path, capsys):

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import datasets
 from transformers import PreTrainedModel
 
-from ..errors import ConfigError, DataError
-from .config import CAUSAL_LM, EXTRACTIVE_QA, LORA, SEQ2SEQ, RunConfig
+from ..errors import DataError
+from .config import CAUSAL_LM, EXTRACTIVE_QA, SEQ2SEQ, RunConfig
 from .data import IMAGE_MODALITY, TEXT_MODALITY, DatasetSpec, Splits, TaskInfo, load_splits
 from .encode import encode_task
 from .images import load_image_splits
@@ -128,8 +128,6 @@ def load_run_splits(cfg: RunConfig) -> Splits:
         is read and again for the task ``auto`` resolves to.
     DataError
         As :func:`load_task`.
-    ConfigError
-        For LoRA on a seq2seq run (not implemented).
     """
     model_type = load_model_config(cfg.model_name).model_type
     check_task(cfg.model_name, model_type, cfg.task)
@@ -140,11 +138,6 @@ def load_run_splits(cfg: RunConfig) -> Splits:
 
 def _load_run_splits(cfg: RunConfig) -> Splits:
     if cfg.task == SEQ2SEQ or (cfg.task == "auto" and is_encoder_decoder(cfg.model_name)):
-        if cfg.peft == LORA:
-            raise ConfigError(
-                "peft = 'lora' is not implemented for task = 'seq2seq' (the T5 family); "
-                "use peft = 'none'"
-            )
         return load_seq2seq_splits(cfg)
     if cfg.task == EXTRACTIVE_QA:
         return load_qa_splits(cfg)
