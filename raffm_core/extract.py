@@ -183,7 +183,7 @@ def build_submodel(
         model.load_state_dict(dict(state_dict), strict=True)
         untied = untied_keys(state_dict, layout.tied)
         if untied:
-            _tie_all_but(model, layout.tied, untied)
+            tie_all_but(model, layout.tied, untied)
         elif layout.tied:
             model.tie_weights()  # to_empty() gave each alias its own storage
     model.config.architectures = [cls.__name__]
@@ -219,7 +219,7 @@ def untie_weights(model: PreTrainedModel, keys: set[str]) -> None:
         getattr(model, "all_tied_weights_keys", {}).pop(key, None)
 
 
-def _tie_all_but(model: PreTrainedModel, tied: Mapping[str, str], untied: set[str]) -> None:
+def tie_all_but(model: PreTrainedModel, tied: Mapping[str, str], untied: set[str]) -> None:
     """Tie every alias of ``tied`` to its source except ``untied``, which keep their values."""
     for key, source in tied.items():
         if key in untied:

@@ -10,7 +10,8 @@ SuperLink and Ray are up (35-65 s):
 
 * every key and value of the run config (:class:`raffm_core.task.config.RunConfig`);
 * the model source: an ``embedded:`` name, ``vit-tiny:``, a local folder, or
-  a hub name in the local HF cache; an architecture of a supported family;
+  a hub name in the local HF cache; an architecture of a supported family
+  that runs the task (:func:`raffm_core.task.support.check_task`);
 * the dataset: reachable, the columns present, at least two classes, no
   missing labels; and at least one example per node;
 * the budget profile: every tier parses, and at least one tier can hold the
@@ -141,11 +142,16 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     import transformers
 
     from raffm_core.families import find_family
+    from raffm_core.task.support import check_task
 
     try:
         find_family(config.model_type)
     except RaffmError as err:
         raise PreflightError(f"model-name = {cfg.model_name!r}: {err}") from err
+    try:  # a task the family cannot do, before any data is read
+        check_task(cfg.model_name, config.model_type, cfg.task)
+    except RaffmError as err:
+        raise PreflightError(str(err)) from err
 
     # the data: splits, columns, labels, examples per node
     try:

@@ -188,7 +188,7 @@ def test_a_missing_column_is_named_with_the_columns_there_are(tmp_path):
     with pytest.raises(
         DataError, match=r"no column\(s\) \['Problem'\].*\['ID', 'Body', 'Question', 'Answer'\]"
     ):
-        load_task(RunConfig(**{**cfg.__dict__, "model_name": "embedded:minilm"}))
+        load_task(RunConfig(**{**cfg.__dict__, "model_name": str(save_llama_folder(tmp_path))}))
 
 
 @pytest.mark.parametrize(
@@ -261,6 +261,7 @@ def test_polarity_prompts_are_one_template_of_this(tmp_path):
         "Answer",
     ]
     cfg = RunConfig(
+        model_name=str(save_llama_folder(tmp_path / "lm")),  # a causal LM
         dataset=str(write_polarity_csv(tmp_path / "p.csv", 20)),
         task="causal-lm",
         prompt_template="Answer: {text}",

@@ -255,7 +255,7 @@ def test_a_decoder_only_model_with_extractive_qa_is_an_error_that_lists_the_enco
     cfg = RunConfig(
         model_name=str(tmp_path / "llama"), task="extractive-qa", dataset="squad", partitioner="iid"
     )
-    with pytest.raises(UnsupportedModelError, match=r"'llama' model.*bert, roberta, xlm-roberta"):
+    with pytest.raises(UnsupportedModelError, match=r"'llama', the LLaMA family.*BERT, DistilBERT"):
         load_task(cfg)
 
 

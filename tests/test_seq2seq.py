@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 import raffm_core as R
-from raffm_core import ConfigError, DataError
+from raffm_core import DataError, UnsupportedModelError
 from raffm_core.task import RunConfig, load_task
 from raffm_core.task.encode import make_loader
 from raffm_core.task.metrics import evaluate_model
@@ -115,7 +115,7 @@ def test_seq2seq_on_an_encoder_only_model_is_an_error(tmp_path):
         "dataset": str(write_polarity_csv(tmp_path / "p.csv")),
         "task": "seq2seq",
     }
-    with pytest.raises(DataError, match="needs an encoder-decoder model.*'bert' model"):
+    with pytest.raises(UnsupportedModelError, match="'seq2seq' is not supported.*'bert'.*BERT"):
         _task(overrides)
 
 
@@ -123,7 +123,7 @@ def test_seq2seq_on_an_encoder_only_model_is_an_error(tmp_path):
 def test_a_t5_with_another_task_is_an_error(task, tmp_path):
     overrides = {**tiny_t5_task(tmp_path, 20), "task": task}
     del overrides["prompt-template"]  # a classification run takes none
-    with pytest.raises(DataError, match="encoder-decoder 't5' model.*use task = 'seq2seq'"):
+    with pytest.raises(UnsupportedModelError, match="the T5 family supports task = 'seq2seq'"):
         _task(overrides)
 
 
@@ -174,13 +174,6 @@ def test_deploy_script_exports_a_t5_that_reloads_with_the_same_answers(tmp_path)
         assert torch.equal(plain.generate(**batch, max_new_tokens=3, do_sample=False), want)
 
 
-def test_lora_on_a_seq2seq_run_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="peft = 'lora' is not implemented for task = 'seq2seq'"):
-        overrides = {**tiny_t5_task(tmp_path, 20), "task": "auto", "peft": "lora"}
-        del overrides["prompt-template"]  # auto takes none
-        _task(overrides)
-
-
 def test_preflight_passes_a_t5_run_and_names_a_task_it_cannot_do(tmp_path, capsys):
     from tests.test_preflight import preflight
 
@@ -190,4 +183,4 @@ def test_preflight_passes_a_t5_run_and_names_a_task_it_cannot_do(tmp_path, capsy
     assert preflight.main(args) == 0
     plain = [a for a in args if not a.startswith(("prompt-template=", "task="))]
     assert preflight.main([*plain, 'task="classification"']) == 2
-    assert "use task = 'seq2seq'" in capsys.readouterr().err
+    assert "the T5 family supports task = 'seq2seq'" in capsys.readouterr().err

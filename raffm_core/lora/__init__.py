@@ -20,7 +20,7 @@ from .model import (
     trainable_state,
 )
 from .settings import LoraSettings, default_target_modules, parse_target_modules
-from .weights import checkpoint_file, read_base_slices
+from .weights import checkpoint_file, read_base_slices, untied_in_checkpoint
 
 __all__ = [
     "HEAD_MODULES",
@@ -41,5 +41,6 @@ __all__ = [
     "read_base_slices",
     "to_peft_keys",
     "trainable_state",
+    "untied_in_checkpoint",
     "with_lora",
 ]

@@ -29,6 +29,7 @@ Key names follow the model's state dict (``model.layers.0.self_attn.q_proj.lora_
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 
@@ -37,14 +38,14 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import SpecError
-from ..extract import build_submodel, model_class
+from ..extract import build_submodel, model_class, tie_all_but, untie_weights
 from ..families import find_family
 from ..layout import ModelLayout
 from ..prioritize import Permutation
 from ..spec import LayerSpec, SubnetSpec, state_mismatch
 from .layout import from_peft_keys, to_peft_keys
 from .settings import LoraSettings
-from .weights import read_base_slices
+from .weights import read_base_slices, untied_in_checkpoint
 
 HEAD_MODULES = ("classifier", "score", "qa_outputs")
 """Top-level modules that hold a freshly initialized task head (as peft's SEQ_CLS and
@@ -182,17 +183,22 @@ def build_lora_submodel(
                 f"(expected {expected.get(key, 'no such key')})"
             )
     # Allocate the sub-model once (uninitialized) and stream the base into it.
+    prefix = config_base_prefix(config)
+    untied = untied_in_checkpoint(checkpoint, layout.tied, prefix)  # FLAN-T5's own lm_head
     model = build_submodel(config, spec)
+    untie_weights(model, untied)
     destination = model.state_dict()
     missing = sorted(set(destination) - set(base_keys) - set(head))
     if missing:
         raise SpecError(f"sub-model weights {missing[:5]} are neither base nor head")
-    read_base_slices(checkpoint, layout, spec, base_keys, config_base_prefix(config), destination)
+    tied = {k: v for k, v in layout.tied.items() if k not in untied}
+    read_layout = dataclasses.replace(layout, tied=tied)
+    read_base_slices(checkpoint, read_layout, spec, base_keys, prefix, destination)
     with torch.no_grad():
         for key, tensor in head.items():
             destination[key].copy_(tensor)
-    if layout.tied:
-        model.tie_weights()  # to_empty() gave each alias its own storage
+    if layout.tied:  # to_empty() gave each alias its own storage
+        tie_all_but(model, layout.tied, untied)
     wrapped = attach_lora(model, settings)
     load_trainable_state(wrapped, trainable)
     wrapped.eval()

@@ -134,6 +134,33 @@ def read_base_slices(
     return out
 
 
+def untied_in_checkpoint(
+    checkpoint: str | os.PathLike, tied: Mapping[str, str], base_prefix: str = ""
+) -> set[str]:
+    """Keys the model class ties (``tied``: alias to source) that the checkpoint holds apart.
+
+    transformers 5 builds every T5 with its ``lm_head`` tied to ``shared`` and
+    unties it in ``from_pretrained`` when the checkpoint stores a different
+    ``lm_head`` (T5 v1.1, FLAN-T5, mT5); a sub-model read slice by slice must
+    do the same, or it would answer through the input embedding. As
+    ``from_pretrained`` does, an alias stored with the source's values stays tied.
+    Only the aliases stored under their own name are read (whole, one at a time).
+    """
+    untied: set[str] = set()
+    with safe_open(str(checkpoint_file(checkpoint)), framework="pt") as handle:
+        stored = set(handle.keys())
+        for key, source in tied.items():
+            own, theirs = (
+                _stored_name(key, stored, base_prefix),
+                _stored_name(source, stored, base_prefix),
+            )
+            if own is None or theirs is None or own == theirs:
+                continue
+            if not torch.equal(handle.get_tensor(own), handle.get_tensor(theirs)):
+                untied.add(key)
+    return untied
+
+
 def _stored_name(key: str, stored: set[str], prefix: str) -> str | None:
     candidates = [key]
     if prefix:

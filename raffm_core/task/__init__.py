@@ -22,6 +22,7 @@ Modules
 ``metrics``   scoring on a held-out split
 ``device``    what memory a node may use (``budget = "auto"``)
 ``smollm2``   the offline SmolLM2 conversion
+``support``   which tasks each model family runs
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 import datasets
 from transformers import PreTrainedModel
 
-from ..errors import ConfigError, DataError
-from .config import CAUSAL_LM, EXTRACTIVE_QA, LORA, SEQ2SEQ, RunConfig
+from ..errors import DataError
+from .config import CAUSAL_LM, EXTRACTIVE_QA, SEQ2SEQ, RunConfig
 from .data import IMAGE_MODALITY, TEXT_MODALITY, DatasetSpec, Splits, TaskInfo, load_splits
 from .encode import encode_task
 from .images import load_image_splits
@@ -46,8 +47,9 @@ from .models import (
     load_preprocessor,
     tokens_per_example,
 )
-from .qa import check_qa_model, load_qa_splits
-from .seq2seq import check_seq2seq_model, is_encoder_decoder, load_seq2seq_splits
+from .qa import load_qa_splits
+from .seq2seq import is_encoder_decoder, load_seq2seq_splits
+from .support import check_task
 
 __all__ = ["DatasetSpec", "RunConfig", "Splits", "Task", "TaskInfo", "load_task", "task_spec"]
 
@@ -120,23 +122,24 @@ def load_run_splits(cfg: RunConfig) -> Splits:
     Raises
     ------
     UnsupportedModelError
-        For ``extractive-qa`` with a model that has no span head here (a decoder).
+        If the model's family does not run the task (``extractive-qa`` on a
+        decoder, ``seq2seq`` on an encoder, anything but ``seq2seq`` on a T5;
+        :func:`raffm_core.task.support.check_task`), checked before any data
+        is read and again for the task ``auto`` resolves to.
     DataError
-        As :func:`load_task`; also when the model cannot do the task
-        (``seq2seq`` needs an encoder-decoder, which does only that).
-    ConfigError
-        For LoRA on a seq2seq run (not implemented).
+        As :func:`load_task`.
     """
-    check_seq2seq_model(cfg.model_name, cfg.task)
+    model_type = load_model_config(cfg.model_name).model_type
+    check_task(cfg.model_name, model_type, cfg.task)
+    splits = _load_run_splits(cfg)
+    check_task(cfg.model_name, model_type, splits.task.kind)
+    return splits
+
+
+def _load_run_splits(cfg: RunConfig) -> Splits:
     if cfg.task == SEQ2SEQ or (cfg.task == "auto" and is_encoder_decoder(cfg.model_name)):
-        if cfg.peft == LORA:
-            raise ConfigError(
-                "peft = 'lora' is not implemented for task = 'seq2seq' (the T5 family); "
-                "use peft = 'none'"
-            )
         return load_seq2seq_splits(cfg)
     if cfg.task == EXTRACTIVE_QA:
-        check_qa_model(cfg.model_name, load_model_config(cfg.model_name).model_type)
         return load_qa_splits(cfg)
     if cfg.task == CAUSAL_LM and cfg.response_column:
         return load_instruction_splits(cfg)

@@ -52,8 +52,8 @@ from .config import (
 from .data import TaskInfo
 from .pixels import PROCESSOR_FILE, PixelProcessor, processor_for
 from .pretrained import from_pretrained
-from .qa import check_qa_model
 from .smollm2 import materialize_smollm2
+from .support import check_task
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,14 @@ def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedMode
     head (no new head: it answers with words); ``extractive-qa`` an
     ``AutoModelForQuestionAnswering`` of an encoder family; otherwise a sequence
     classifier (or regressor) with a new head for the task's labels.
+
+    Raises
+    ------
+    UnsupportedModelError
+        If the model's family does not run ``task.kind``
+        (:func:`raffm_core.task.support.check_task`): the message lists what it runs.
     """
+    check_task(model_name, load_model_config(model_name).model_type, task.kind)
     if is_image_model(model_name):
         return load_image_model(model_name, task, seed)
     torch.manual_seed(seed)
@@ -335,7 +342,6 @@ def load_model(model_name: str, task: TaskInfo, seed: int = 0) -> PreTrainedMode
     if task.kind == SEQ2SEQ:  # an encoder-decoder keeps its LM head: it answers in words
         return from_pretrained(transformers.AutoModelForSeq2SeqLM, source).eval()
     if task.kind == EXTRACTIVE_QA:  # a new seeded span head unless the checkpoint has one
-        check_qa_model(model_name, load_model_config(model_name).model_type)
         return from_pretrained(
             transformers.AutoModelForQuestionAnswering,
             source,

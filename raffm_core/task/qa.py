@@ -28,17 +28,19 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import DataError, UnsupportedModelError
+from ..errors import DataError
 from .config import EXTRACTIVE_QA, RunConfig
 from .data import DatasetSpec, Splits, TaskInfo, _load_split, build_splits, take_columns
 from .keys import F1
 from .maps import map_batches
+from .support import model_types_for
 
 ID, QUESTION, CONTEXT, ANSWERS = "id", "question", "context", "answers"
 """The normalized columns of a question-answering split."""
 
-QA_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert")
-"""``config.model_type`` values with an extractive-QA head here (the encoder families)."""
+QA_MODEL_TYPES = model_types_for(EXTRACTIVE_QA)
+"""``config.model_type`` values with an extractive-QA head here (the encoder families,
+:data:`raffm_core.task.support.FAMILY_TASKS`)."""
 
 EXAMPLE_ID, OFFSETS, GOLD, CLS_INDEX = "example_id", "offset_mapping", "gold_answers", "cls_index"
 QA_METADATA = (EXAMPLE_ID, OFFSETS, CONTEXT, GOLD, CLS_INDEX)
@@ -77,23 +79,6 @@ class QASettings:
     @property
     def primary_metric(self) -> str:
         return F1
-
-
-def check_qa_model(model_name: str, model_type: str) -> None:
-    """Raise unless ``model_type`` has an extractive-QA head here.
-
-    Raises
-    ------
-    UnsupportedModelError
-        Naming the model and listing :data:`QA_MODEL_TYPES` (a decoder-only
-        LLaMA, say, cannot point at a span of its input).
-    """
-    if model_type not in QA_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"task = {EXTRACTIVE_QA!r} needs an encoder with a span head "
-            f"(AutoModelForQuestionAnswering); {model_name!r} is a {model_type!r} model. "
-            f"Supported model types: {', '.join(QA_MODEL_TYPES)}"
-        )
 
 
 def _normalize(cfg: RunConfig) -> Any:
@@ -268,7 +253,6 @@ __all__ = [
     "QA_METADATA",
     "QA_MODEL_TYPES",
     "QASettings",
-    "check_qa_model",
     "encode_qa",
     "load_qa_splits",
     "token_span",

@@ -70,22 +70,6 @@ def is_encoder_decoder(model_name: str) -> bool:
     return bool(getattr(load_model_config(model_name), "is_encoder_decoder", False))
 
 
-def check_seq2seq_model(model_name: str, task: str) -> None:
-    """Raise :class:`DataError` unless the model and ``task`` fit: only encoder-decoder
-    models (the T5 family) run ``seq2seq``, and they run nothing else here."""
-    model_type = load_model_config(model_name).model_type
-    if task == SEQ2SEQ and not is_encoder_decoder(model_name):
-        raise DataError(
-            f"task = 'seq2seq' needs an encoder-decoder model (the T5 family: t5, mt5), "
-            f"{model_name!r} is a {model_type!r} model"
-        )
-    if task not in (SEQ2SEQ, "auto") and is_encoder_decoder(model_name):
-        raise DataError(
-            f"{model_name!r} is an encoder-decoder {model_type!r} model, fine-tuned "
-            f"text-to-text: use task = 'seq2seq' (labels become words), not {task!r}"
-        )
-
-
 def _answers(value: Any) -> list[str]:
     """Every gold answer of one target cell: a string, a list, or SQuAD's ``{"text": [...]}``."""
     if isinstance(value, dict):
@@ -302,7 +286,6 @@ __all__ = [
     "REFERENCES",
     "Seq2SeqBatch",
     "Seq2SeqSettings",
-    "check_seq2seq_model",
     "is_encoder_decoder",
     "load_seq2seq_splits",
     "Seq2SeqLoader",
