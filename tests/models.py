@@ -238,3 +238,12 @@ def tiny_seq2seq_inputs(batch: int = 3, seq: int = 11, target: int = 6, seed: in
         "decoder_input_ids": decoder_ids,
         "decoder_attention_mask": decoder_mask,
     }
+
+
+@torch.no_grad()
+def scramble_adapters(model: torch.nn.Module, seed: int = 3, scale: float = 0.2) -> None:
+    """Give every LoRA tensor seeded random values: B starts at zero, so adapters never matter."""
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.copy_(torch.randn_like(p) * scale)

@@ -32,7 +32,7 @@ from raffm_core.task.keys import ARRAYS, CONFIG, SPEC
 from server_app.lora import LoraGlobalModel, RaFFMLoRA
 from tests.assets import FILLER, NEGATIVE, POSITIVE, write_polarity_csv
 from tests.fakes import FakeGrid, budget_reply, train_reply
-from tests.models import tiny_model
+from tests.models import scramble_adapters, tiny_model
 from tests.sim import TIMEOUTS, every_node, simulate
 
 TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
@@ -109,11 +109,7 @@ def test_sub_model_from_checkpoint_slices_equals_extraction_from_the_full_model(
     settings = LoraSettings(rank=2, target_modules=TARGETS)
     lora_layout = R.describe(model)
     full = attach_lora(model, settings)
-    torch.manual_seed(3)
-    with torch.no_grad():  # B starts at zero: make the adapters matter
-        for name, p in full.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.2)
+    scramble_adapters(full)  # B starts at zero: make the adapters matter
     from raffm_core.lora import with_lora
 
     lora_layout = with_lora(layout, TARGETS, 2)

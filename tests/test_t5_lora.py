@@ -28,6 +28,7 @@ from raffm_core.lora import (
     with_lora,
 )
 from raffm_core.task.config import RunConfig
+from tests.models import scramble_adapters
 from tests.seq2seq_assets import save_tiny_t5, t5_tokenizer, tiny_t5_task
 from tests.sim import TIMEOUTS, every_node, read_json, simulate
 
@@ -53,11 +54,7 @@ def test_a_lora_t5_submodel_from_checkpoint_slices_equals_the_merged_full_model_
     )
     settings = LoraSettings(rank=RANK, target_modules=default_target_modules(layout.family))
     full = attach_lora(model, settings)
-    torch.manual_seed(3)
-    with torch.no_grad():  # B starts at zero: make the adapters matter
-        for name, p in full.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.2)
+    scramble_adapters(full)  # B starts at zero: make the adapters matter
     adapters = trainable_state(full)
     assert sum(".EncDecAttention." in k for k in adapters) == 8  # 2 decoder blocks x q,v x A,B
     sliced = R.extract_state_dict(adapters, with_lora(layout, settings.target_modules, RANK), spec)
