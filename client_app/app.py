@@ -20,7 +20,13 @@ from flwr.clientapp import ClientApp
 from transformers import AutoConfig, PreTrainedModel
 
 from client_app.lora import build_lora_model
-from client_app.partition import LocalData, load_local_data, node_budget, node_partition
+from client_app.partition import (
+    LocalData,
+    load_local_data,
+    node_budget,
+    node_partition,
+    token_ids,
+)
 from client_app.training import (
     InstructionError,
     TrainSettings,
@@ -29,6 +35,7 @@ from client_app.training import (
     train_submodel,
 )
 from raffm_core import SubnetSpec, build_submodel
+from raffm_core.spec import format_runs
 from raffm_core.task.config import LORA, NO_PEFT, PEFT_METHODS, RunConfig
 from raffm_core.task.encode import make_loader
 from raffm_core.task.keys import (
@@ -47,6 +54,7 @@ from raffm_core.task.keys import (
     TRAIN_LOSS,
     TRAIN_STEPS,
     TRAIN_TIME_S,
+    VOCAB,
 )
 from raffm_core.task.metrics import evaluate_model
 
@@ -111,11 +119,21 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Answer the server's budget query with this node's budget string."""
+        """Answer the server's budget query with this node's budget string.
+
+        Under ``vocab-trim`` the reply also names the token ids of the node's
+        data (``vocab``), the only embedding rows its sub-models need.
+        """
         cfg = RunConfig.from_mapping(context.run_config, defaults)
         reply = ConfigRecord({BUDGET: node_budget(cfg, context.node_config)})
         if PARTITION_ID in context.node_config:
             reply[PARTITION_ID] = int(context.node_config[PARTITION_ID])
+        if cfg.trims_vocab:
+            partition_id, num_partitions = node_partition(context.node_config)
+            data = load_local_data(cfg, partition_id, num_partitions, cfg.max_length)
+            ids = token_ids(data)
+            if ids is not None:
+                reply[VOCAB] = format_runs(ids)
         return Message(RecordDict({CONFIG: reply}), reply_to=msg)
 
     @app.train()

@@ -223,6 +223,22 @@ def _partitioners(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, dat
 
 
 @lru_cache(maxsize=16)
+def token_ids(data: LocalData) -> tuple[int, ...] | None:
+    """Every token id of the node's data (train and evaluation share), sorted.
+
+    With the tokenizer's special tokens, which the model may see whatever
+    the data. ``None`` for data that is not token ids (images).
+    """
+    splits = [s for s in (data.train, data.test) if "input_ids" in s.column_names]
+    if not splits:
+        return None
+    seen: set[int] = set(getattr(data.tokenizer, "all_special_ids", ()) or ())
+    for split in splits:
+        for row in split["input_ids"]:
+            seen.update(row)
+    return tuple(sorted(seen))
+
+
 def load_local_data(
     cfg: RunConfig, partition_id: int, num_partitions: int, max_length: int
 ) -> LocalData:

@@ -126,6 +126,14 @@ class Family:
         For models with several stacks (encoder-decoder): every stack, in
         state-dict order. Empty means one stack made of the flat fields
         ``layers`` ... ``ffn_out``, which are then unused otherwise.
+    token_embedding : str or None
+        Path, relative to the base model, of the input token ``nn.Embedding``
+        (weight ``(vocab_size, hidden)``) whose rows a sub-model may trim to
+        the tokens a node uses (:attr:`raffm_core.SubnetSpec.vocab`). Only
+        where the rows are an input lookup and nothing else: a model that
+        ties them to an output layer (a language-model head) scores every
+        token with them, so trimming would change its outputs. ``None``: the
+        family's vocabulary is not trimmed.
     """
 
     name: str
@@ -147,6 +155,7 @@ class Family:
     width_attrs: tuple[str, ...] = ("all_head_size",)
     head_dim_attr: str | None = None
     stacks: tuple[Stack, ...] = ()
+    token_embedding: str | None = None
 
     def layer_stacks(self) -> tuple[Stack, ...]:
         """The family's stacks: :attr:`stacks`, or the one the flat fields describe."""
@@ -176,6 +185,7 @@ FAMILIES: tuple[Family, ...] = (
         heads_attr="num_attention_heads",
         kv_heads_attr=None,
         rotary=False,
+        token_embedding="embeddings.word_embeddings",
     ),
     Family(
         name="DistilBERT",
@@ -191,6 +201,7 @@ FAMILIES: tuple[Family, ...] = (
         kv_heads_attr=None,
         rotary=False,
         ffn_size_attr="hidden_dim",
+        token_embedding="embeddings.word_embeddings",
     ),
     Family(
         name="ViT",

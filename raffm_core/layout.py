@@ -61,6 +61,13 @@ class ModelLayout:
         head set: the layers of a stack with a relative position bias, which
         the first layer computes with its head columns and every later layer
         adds to its own heads' scores.
+    vocab_key : str or None
+        State-dict key of the input token embedding whose rows a spec's
+        ``vocab`` trims (:attr:`Family.token_embedding`), or ``None`` when
+        this model's vocabulary cannot be trimmed (no such family entry, or
+        the embedding is tied to an output layer).
+    vocab_size : int
+        Rows of that embedding in the full model (0 without one).
     """
 
     family: Family
@@ -73,6 +80,8 @@ class ModelLayout:
     tied: dict[str, str]
     layers: tuple[LayerLayout, ...]
     head_ties: tuple[tuple[int, ...], ...] = ()
+    vocab_key: str | None = None
+    vocab_size: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -110,6 +119,18 @@ class ModelLayout:
                 raise SpecError(
                     f"spec layer {i}: ffn {_short(layer.ffn)} exceeds the {self.ffn_size} neurons"
                 )
+        if spec.vocab is not None:
+            if self.vocab_key is None:
+                raise SpecError(
+                    f"spec keeps vocabulary rows, but the {self.model_class} has no token "
+                    "embedding that can be trimmed (only an input-only embedding of the "
+                    "BERT and DistilBERT families, not one tied to an output layer)"
+                )
+            if width_max(spec.vocab) > self.vocab_size:
+                raise SpecError(
+                    f"spec vocab: token id {width_max(spec.vocab) - 1} is outside the "
+                    f"{self.vocab_size} rows of {self.vocab_key!r}"
+                )
         for group in self.head_ties:
             kept = {spec.layers[i].heads for i in group}
             if len(kept) > 1:
@@ -131,6 +152,8 @@ class ModelLayout:
                 out[coupled.key] = (coupled.axis, coupled.index(kept.heads))
             for coupled in layer.ffn:
                 out[coupled.key] = (coupled.axis, coupled.index(kept.ffn))
+        if spec.vocab is not None and self.vocab_key is not None:
+            out[self.vocab_key] = (0, expand(spec.vocab, 1))
         return out
 
     def sub_shapes(self, spec: SubnetSpec) -> dict[str, tuple[int, ...]]:
@@ -149,9 +172,9 @@ class ModelLayout:
     def elastic_fraction(self, spec: SubnetSpec) -> float:
         """Share of the elastic tensors' parameters (heads, FFN neurons) ``spec`` keeps.
 
-        Embeddings, norms and the task head, which every sub-model holds
-        whole, are left out: a sub-model keeping 1 of 12 heads counts as
-        small even where the embeddings are most of its parameters.
+        Embeddings (trimmed or not), norms and the task head are left out: a
+        sub-model keeping 1 of 12 heads counts as small even where the
+        embeddings are most of its parameters.
         """
         kept = self.sub_shapes(spec)
         elastic = [k for k in self.slices(self.full_spec()) if k not in self.tied]
@@ -272,6 +295,9 @@ def describe(model: PreTrainedModel) -> ModelLayout:
             ties.append(tuple(range(start, len(layers))))
 
     tied = _tied_keys(model)
+    vocab_key, vocab_size = _token_embedding(model, family, prefix, config, tied)
+    if vocab_key is not None:  # a sub-model's trimmed table: the full size is the config's
+        shapes[vocab_key] = (vocab_size, shapes[vocab_key][1])
     return ModelLayout(
         family=family,
         model_class=type(model).__name__,
@@ -283,7 +309,31 @@ def describe(model: PreTrainedModel) -> ModelLayout:
         tied=tied,
         layers=tuple(layers),
         head_ties=tuple(ties),
+        vocab_key=vocab_key,
+        vocab_size=vocab_size,
     )
+
+
+def _token_embedding(
+    model: PreTrainedModel,
+    family: Family,
+    prefix: str,
+    config: PretrainedConfig,
+    tied: dict[str, str],
+) -> tuple[str | None, int]:
+    """The trimmable token embedding's key and full row count, or ``(None, 0)``."""
+    if family.token_embedding is None:
+        return None, 0
+    key = f"{prefix}{family.token_embedding}.weight"
+    if key in tied or key in tied.values():  # rows also score outputs: not an input lookup
+        return None, 0
+    try:
+        module = model.get_submodule(prefix + family.token_embedding)
+    except AttributeError:
+        return None, 0
+    if not isinstance(module, nn.Embedding):
+        return None, 0
+    return key, _config_int(config, "vocab_size")
 
 
 def _tied_keys(model: nn.Module) -> dict[str, str]:

@@ -45,7 +45,7 @@ def _roll(
         )
         for w in widths.layers
     )
-    return SubnetSpec(layers)
+    return SubnetSpec(layers, widths.vocab)
 
 
 def rolling_spec(

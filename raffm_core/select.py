@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 from .budget import Budget, MemoryProfile, TrainingProfile
 from .errors import BudgetError, BudgetTooSmallError
 from .layout import ModelLayout, describe
-from .spec import LayerSpec, SubnetSpec
+from .spec import LayerSpec, SubnetSpec, Width
 
 LARGEST, SAMPLE = "largest", "sample"
 MODES = (LARGEST, SAMPLE)
@@ -29,12 +29,16 @@ def _fits(budget: Budget, layout, spec, profile, limit) -> bool:
     return budget.cost(layout, spec, profile) <= limit
 
 
-def _smallest(layout: ModelLayout) -> SubnetSpec:
-    return SubnetSpec.uniform(layout.num_layers, 1, _ffn_grid(layout)[0])
+def _smallest(layout: ModelLayout, vocab: Width | None = None) -> SubnetSpec:
+    return SubnetSpec.uniform(layout.num_layers, 1, _ffn_grid(layout)[0], vocab)
 
 
 def _largest(
-    layout: ModelLayout, budget: Budget, profile: MemoryProfile, limit: float
+    layout: ModelLayout,
+    budget: Budget,
+    profile: MemoryProfile,
+    limit: float,
+    vocab: Width | None = None,
 ) -> SubnetSpec:
     """The widest uniform configuration that fits.
 
@@ -47,19 +51,24 @@ def _largest(
         ratio = heads / layout.num_groups
         balanced = max(1, min(len(grid), round(ratio * len(grid))))
         if not _fits(
-            budget, layout, SubnetSpec.uniform(n, heads, grid[balanced - 1]), profile, limit
+            budget,
+            layout,
+            SubnetSpec.uniform(n, heads, grid[balanced - 1], vocab),
+            profile,
+            limit,
         ):
             continue
         lo, hi = balanced - 1, len(grid) - 1  # lo fits; find the last grid entry that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if _fits(budget, layout, SubnetSpec.uniform(n, heads, grid[mid]), profile, limit):
+            spec = SubnetSpec.uniform(n, heads, grid[mid], vocab)
+            if _fits(budget, layout, spec, profile, limit):
                 lo = mid
             else:
                 hi = mid - 1
-        return SubnetSpec.uniform(n, heads, grid[lo])
-    if _fits(budget, layout, _smallest(layout), profile, limit):
-        return _smallest(layout)
+        return SubnetSpec.uniform(n, heads, grid[lo], vocab)
+    if _fits(budget, layout, _smallest(layout, vocab), profile, limit):
+        return _smallest(layout, vocab)
     raise AssertionError("unreachable: the smallest spec fits but no uniform spec does")
 
 
@@ -69,6 +78,7 @@ def _sample(
     profile: MemoryProfile,
     limit: float,
     rng: np.random.Generator,
+    vocab: Width | None = None,
 ) -> SubnetSpec:
     """Draw per-layer widths uniformly, then narrow the widest layers until it fits.
 
@@ -88,7 +98,8 @@ def _sample(
 
     def spec() -> SubnetSpec:
         return SubnetSpec(
-            tuple(LayerSpec(int(h), grid[int(f)]) for h, f in zip(heads, ffn, strict=True))
+            tuple(LayerSpec(int(h), grid[int(f)]) for h, f in zip(heads, ffn, strict=True)),
+            vocab,
         )
 
     while not _fits(budget, layout, spec(), profile, limit):
@@ -112,6 +123,7 @@ def select_subnet(
     mode: str = LARGEST,
     seed: int | None = None,
     profile: MemoryProfile | None = None,
+    vocab: Width | None = None,
 ) -> SubnetSpec:
     """Choose a prefix sub-network that satisfies ``budget``.
 
@@ -132,6 +144,11 @@ def select_subnet(
         What a ``memory-mb`` budget is checked against: a training step
         (:class:`TrainingProfile`, the default) or, for deployment, a forward
         pass (:class:`~raffm_core.deploy.InferenceProfile`).
+    vocab : int or tuple of int, optional
+        The token-embedding rows the node needs (its data's token ids,
+        :attr:`SubnetSpec.vocab`); the spec keeps exactly those, and the
+        budget they leave goes to heads and FFN neurons. ``None``: the
+        whole vocabulary.
 
     Returns
     -------
@@ -151,7 +168,7 @@ def select_subnet(
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     profile = profile or TrainingProfile()
     limit = budget.limit(layout)
-    smallest = _smallest(layout)
+    smallest = _smallest(layout, vocab)
     minimum = budget.cost(layout, smallest, profile)
     if minimum > limit:
         unit = "parameters" if budget.kind == "params" else "MB"
@@ -166,8 +183,8 @@ def select_subnet(
             minimum=minimum,
         )
     if mode == LARGEST:
-        return _largest(layout, budget, profile, limit)
-    return _sample(layout, budget, profile, limit, np.random.default_rng(seed))
+        return _largest(layout, budget, profile, limit, vocab)
+    return _sample(layout, budget, profile, limit, np.random.default_rng(seed), vocab)
 
 
 def check_budgets(

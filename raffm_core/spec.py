@@ -1,4 +1,5 @@
-"""The description of a sub-network: which heads and FFN neurons each layer keeps."""
+"""The description of a sub-network: which heads and FFN neurons each layer keeps,
+and optionally which rows of the input token embedding (its vocabulary)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ which is what prioritization makes most salient), a tuple keeps exactly those
 unit indices (sorted, unique), as rolling windows need."""
 
 
-def _runs_to_indices(text: str, what: str) -> list[int]:
+def parse_runs(text: str, what: str) -> list[int]:
     """``"0-131,1100-1231"`` (inclusive runs; a lone ``"7"`` is one unit) to indices."""
     indices: list[int] = []
     for part in text.split(","):
@@ -32,8 +33,8 @@ def _runs_to_indices(text: str, what: str) -> list[int]:
     return indices
 
 
-def _indices_to_runs(indices: tuple[int, ...]) -> str:
-    """Inverse of :func:`_runs_to_indices` for sorted, unique indices."""
+def format_runs(indices: tuple[int, ...]) -> str:
+    """Inverse of :func:`parse_runs` for sorted, unique indices."""
     runs, start, prev = [], indices[0], indices[0]
     for i in indices[1:]:
         if i != prev + 1:
@@ -46,7 +47,7 @@ def _indices_to_runs(indices: tuple[int, ...]) -> str:
 
 def _normalize(value: Any, what: str) -> Width:
     if isinstance(value, str):
-        value = _runs_to_indices(value, what)
+        value = parse_runs(value, what)
     if isinstance(value, bool):
         raise SpecError(f"{what}: expected an int or a list of ints, got {value!r}")
     if isinstance(value, int):
@@ -111,9 +112,20 @@ class SubnetSpec:
     It is plain data: JSON round trips through :meth:`to_dict` /
     :meth:`from_dict` (or :meth:`to_json` / :meth:`from_json`), and it is
     checked against a model's shape by :meth:`raffm_core.ModelLayout.check_spec`.
+
+    Attributes
+    ----------
+    layers : tuple of LayerSpec
+    vocab : int, tuple of int or None
+        Rows of the input token embedding the sub-model keeps, as token ids
+        of the full vocabulary (``None``: all of them). A node needs only the
+        rows of the tokens in its data; on a small encoder those rows are
+        most of the parameters (all-MiniLM-L6-v2: 11.7M of 22.7M). See
+        :class:`raffm_core.extract.TrimmedEmbedding`.
     """
 
     layers: tuple[LayerSpec, ...]
+    vocab: Width | None = None
 
     def __post_init__(self) -> None:
         layers = tuple(self.layers)
@@ -122,11 +134,19 @@ class SubnetSpec:
         if not all(isinstance(layer, LayerSpec) for layer in layers):
             raise SpecError("SubnetSpec.layers must hold LayerSpec objects")
         object.__setattr__(self, "layers", layers)
+        if self.vocab is not None:
+            object.__setattr__(self, "vocab", _normalize(self.vocab, "vocab"))
 
     @classmethod
-    def uniform(cls, num_layers: int, heads: Width, ffn: Width) -> SubnetSpec:
+    def uniform(
+        cls, num_layers: int, heads: Width, ffn: Width, vocab: Width | None = None
+    ) -> SubnetSpec:
         """The same kept set in every layer."""
-        return cls(tuple(LayerSpec(heads, ffn) for _ in range(num_layers)))
+        return cls(tuple(LayerSpec(heads, ffn) for _ in range(num_layers)), vocab)
+
+    def with_vocab(self, vocab: Width | None) -> SubnetSpec:
+        """This spec keeping the token-embedding rows ``vocab`` (``None``: all)."""
+        return SubnetSpec(self.layers, vocab)
 
     @property
     def is_prefix(self) -> bool:
@@ -142,12 +162,15 @@ class SubnetSpec:
         """
 
         def dump(width: Width) -> int | str:
-            return width if isinstance(width, int) else _indices_to_runs(width)
+            return width if isinstance(width, int) else format_runs(width)
 
-        return {
+        data: dict[str, Any] = {
             "format": SPEC_FORMAT_VERSION,
             "layers": [{"heads": dump(x.heads), "ffn": dump(x.ffn)} for x in self.layers],
         }
+        if self.vocab is not None:
+            data["vocab"] = dump(self.vocab)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SubnetSpec:
@@ -163,6 +186,9 @@ class SubnetSpec:
         version = data.get("format")
         if version != SPEC_FORMAT_VERSION:
             raise SpecError(f"spec format {version!r} is not supported (expected 1)")
+        unknown = sorted(set(data) - {"format", "layers", "vocab"})
+        if unknown:
+            raise SpecError(f"spec has unknown keys {unknown}; expected format, layers, vocab")
         layers = data.get("layers")
         if not isinstance(layers, Sequence) or isinstance(layers, (str, bytes)):
             raise SpecError("spec 'layers' must be a list")
@@ -174,7 +200,7 @@ class SubnetSpec:
                 parsed.append(LayerSpec(layer["heads"], layer["ffn"]))
             except SpecError as err:
                 raise SpecError(f"spec layer {i}: {err}") from None
-        return cls(tuple(parsed))
+        return cls(tuple(parsed), data.get("vocab"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))

@@ -112,29 +112,46 @@ COMMON: dict[str, Any] = {
 """Settings every row shares on top of the app defaults (``pyproject.toml``)."""
 
 ROWS: dict[str, dict[str, Any] | None] = {
-    "raffm": {"strategy": "raffm", "save-models": True},
+    "raffm": {"strategy": "raffm", "vocab-trim": True, "save-models": True},
     "raffm-paper": {
         "strategy": "raffm",
         "salience-norm": "l1",
         "selection-mode": "sample",
+        "vocab-trim": False,
     },
-    "heterofl": {"strategy": "heterofl"},
-    "fedrolex": {"strategy": "fedrolex"},
+    "heterofl": {"strategy": "heterofl", "vocab-trim": False},
+    "fedrolex": {"strategy": "fedrolex", "vocab-trim": False},
     "fedavg": {"strategy": "fedavg"},
     "fedavg-train-all": {"strategy": "fedavg", "fedavg-train-all": True},
     "centralized": None,
 }
-"""Each row and the run-config keys that make it differ; ``None``: pooled training."""
+"""Each row and the run-config keys that make it differ; ``None``: pooled training.
 
+``vocab-trim`` is part of the method, not of the shared recipe: ``raffm`` (the
+app's default) trims each sub-model's vocabulary to its node's tokens;
+``heterofl``, ``fedrolex`` and ``raffm-paper`` are the published methods,
+which keep the whole vocabulary. The ``*-vocab`` variants give the peers the
+same trimming, to show how much of a difference is the trimming's.
+"""
+
+_WHOLE = {"vocab-trim": False}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "raffm-tail": {"strategy": "raffm", "rolling-tail": 0.5},
-    "raffm-scaler": {"strategy": "raffm", "width-scaler": True},
-    "heterofl-scaler": {"strategy": "heterofl", "width-scaler": True},
-    "fedrolex-scaler": {"strategy": "fedrolex", "width-scaler": True},
-    "raffm-tail-scaler": {"strategy": "raffm", "rolling-tail": 0.5, "width-scaler": True},
-    "raffm-w1": {"strategy": "raffm", "width-weight-power": 1.0},
-    "raffm-w2": {"strategy": "raffm", "width-weight-power": 2.0},
-    "heterofl-w1": {"strategy": "heterofl", "width-weight-power": 1.0},
+    "raffm-whole-vocab": {"strategy": "raffm", **_WHOLE, "save-models": True},
+    "heterofl-vocab": {"strategy": "heterofl", "vocab-trim": True},
+    "fedrolex-vocab": {"strategy": "fedrolex", "vocab-trim": True},
+    "raffm-tail": {"strategy": "raffm", "rolling-tail": 0.5, **_WHOLE},
+    "raffm-scaler": {"strategy": "raffm", "width-scaler": True, **_WHOLE},
+    "heterofl-scaler": {"strategy": "heterofl", "width-scaler": True, **_WHOLE},
+    "fedrolex-scaler": {"strategy": "fedrolex", "width-scaler": True, **_WHOLE},
+    "raffm-tail-scaler": {
+        "strategy": "raffm",
+        "rolling-tail": 0.5,
+        "width-scaler": True,
+        **_WHOLE,
+    },
+    "raffm-w1": {"strategy": "raffm", "width-weight-power": 1.0, **_WHOLE},
+    "raffm-w2": {"strategy": "raffm", "width-weight-power": 2.0, **_WHOLE},
+    "heterofl-w1": {"strategy": "heterofl", "width-weight-power": 1.0, **_WHOLE},
 }
 """Candidate and ablation rows (diagnosis, choosing ``raffm``'s defaults); run with ``--rows``."""
 
@@ -179,13 +196,16 @@ def simulate(overrides: dict[str, Any], nodes: int) -> None:
     )
 
 
-def train_centralized(overrides: dict[str, Any], federation: Federation) -> None:
+def train_centralized(
+    overrides: dict[str, Any], federation: Federation, *, fine_tune: bool = True
+) -> None:
     """The ceiling: the full model fine-tuned on the pooled train split.
 
     Same model, head seed, optimizer and learning rate as the federated rows;
     one "round" is as many steps as ``fedavg-train-all`` takes in one round
     (clients per round x ``local-steps``), with the same central evaluation,
-    so the curves line up by examples seen.
+    so the curves line up by examples seen. With ``fine_tune=False`` only the
+    initial model is scored (round 0).
     """
     import torch
     from flwr.app import ArrayRecord
@@ -223,7 +243,7 @@ def train_centralized(overrides: dict[str, Any], federation: Federation) -> None
     clients = max(cfg.min_train_nodes, round(cfg.fraction_train * federation.nodes))
     steps = clients * (cfg.local_steps or 1)
     central = {0: dict(evaluator(0, ArrayRecord(model.state_dict())))}
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    for server_round in range(1, cfg.num_server_rounds + 1 if fine_tune else 1):
         settings = TrainSettings(
             lr=cfg.lr,
             local_steps=steps,
@@ -355,7 +375,7 @@ def untrained(overrides: dict[str, Any], federation: Federation) -> None:
     The run is not a failure but the honest result: the model stays the
     initial one, scored once, and every client is excluded in every round.
     """
-    train_centralized({**overrides, "num-server-rounds": 0}, federation)
+    train_centralized(overrides, federation, fine_tune=False)
     folder = Path(overrides["results-dir"])
     summary = read_json(folder / "summary.json")
     summary.update(

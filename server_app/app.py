@@ -82,6 +82,14 @@ def build_strategy(
         cls, first = strategy_class(cfg.strategy), describe(model)
     else:
         cls, first = RaFFMLoRA, lora
+    trim_vocab = cfg.trims_vocab and first.vocab_key is not None
+    if cfg.trims_vocab and not trim_vocab:
+        log(
+            INFO,
+            "vocab-trim: the %s keeps its whole vocabulary (its family has no input-only "
+            "token embedding to trim)",
+            first.model_class,
+        )
     return cls(
         first,
         base_config(model).to_json_string(),
@@ -100,6 +108,7 @@ def build_strategy(
         query_timeout=cfg.query_timeout_s,
         max_num_examples=cfg.max_num_examples,
         width_weight_power=cfg.width_weight_power,
+        trim_vocab=trim_vocab,
         **strategy_options(cfg),
     )
 

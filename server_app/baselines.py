@@ -53,7 +53,9 @@ class _Unprioritized(RaFFM):
 
     def _prefix_widths(self, node: NodeBudget) -> SubnetSpec:
         """The widest uniform prefix within the node's budget (deterministic)."""
-        return select_subnet(self.layout, node.budget, "largest", profile=self.profile)
+        return select_subnet(
+            self.layout, node.budget, "largest", profile=self.profile, vocab=node.vocab
+        )
 
 
 class FullModelFedAvg(_Unprioritized):

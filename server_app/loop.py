@@ -104,7 +104,7 @@ class RunLoop:
         """Ask nodes (default: every registered one) for their budget; see :mod:`.nodes`."""
         node_ids = grid.get_node_ids() if node_ids is None else node_ids
         usable, skipped = query_budgets(
-            grid, node_ids, self.layout, self.profile, self.query_timeout
+            grid, node_ids, self.layout, self.profile, self.query_timeout, self.trim_vocab
         )
         self.nodes.update(usable)
         self.skipped.update(skipped)

@@ -49,8 +49,11 @@ def query_budgets(
     layout: ModelLayout,
     profile: TrainingProfile,
     timeout: float,
+    trim_vocab: bool = False,
 ) -> tuple[dict[int, NodeBudget], dict[int, str]]:
     """Send each node a ``QUERY`` message and check the budget it answers.
+
+    With ``trim_vocab`` the token ids a node reports are kept with its budget.
 
     Returns
     -------
@@ -77,18 +80,19 @@ def query_budgets(
         if node_id is None:
             continue  # a duplicate, or not an answer to this query
         try:
-            usable[node_id] = info = parse_budget_reply(reply, node_id, layout, profile)
+            usable[node_id] = info = parse_budget_reply(reply, node_id, layout, profile, trim_vocab)
         except Rejected as err:
             skipped[node_id] = err.reason
             log(WARNING, "node %d skipped: %s", node_id, err.reason)
             continue
         log(
             INFO,
-            "node %d (partition %s): budget %s, up to %.2f of the parameters",
+            "node %d (partition %s): budget %s, up to %.2f of the parameters%s",
             node_id,
             info.partition_id,
             info.budget,
             info.max_fraction,
+            "" if info.vocab is None else f" with {len(info.vocab)} vocabulary rows",
         )
     for node_id in asked.values():
         skipped[node_id] = f"no reply to the budget query within {timeout:.0f} s"

@@ -28,12 +28,16 @@ class NodeBudget:
         Reported by simulated nodes; orders sampling reproducibly.
     max_fraction : float
         Parameter fraction of the largest uniform sub-network within the budget.
+    vocab : tuple of int or None
+        The token ids of the node's data, if it reported them: the only
+        token-embedding rows its sub-models need (``vocab-trim``).
     """
 
     node_id: int
     budget: Budget
     partition_id: int | None
     max_fraction: float
+    vocab: tuple[int, ...] | None = None
 
 
 _CLIENT_FIELDS = frozenset(
@@ -42,6 +46,7 @@ _CLIENT_FIELDS = frozenset(
         "partition-id",
         "budget",
         "spec",
+        "vocab-rows",
         "heads-per-layer",
         "ffn-per-layer",
         "params",
@@ -72,14 +77,21 @@ class ClientRound:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """As ``rounds.json`` and the checkpoint hold it (:meth:`from_dict` inverts it)."""
+        """As ``rounds.json`` and the checkpoint hold it (:meth:`from_dict` inverts it).
+
+        A trimmed vocabulary is recorded by its size (``vocab-rows``), not its
+        token ids: they would make ``rounds.json`` grow by kilobytes per
+        client and round, and they describe the node's data.
+        """
         heads = [width_count(layer.heads) for layer in self.spec.layers]
         ffn = [width_count(layer.ffn) for layer in self.spec.layers]
+        vocab = self.spec.vocab
         return {
             "node": self.node_id,
             "partition-id": self.partition_id,
             "budget": self.budget,
-            "spec": self.spec.to_dict(),
+            "spec": self.spec.with_vocab(None).to_dict(),
+            "vocab-rows": None if vocab is None else width_count(vocab),
             "heads-per-layer": heads,
             "ffn-per-layer": ffn,
             "params": self.params,

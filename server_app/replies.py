@@ -23,6 +23,7 @@ from raffm_core import (
     Budget,
     BudgetError,
     ModelLayout,
+    SpecError,
     SubnetSpec,
     TrainingProfile,
     Update,
@@ -38,6 +39,7 @@ from raffm_core.task.keys import (
     NUM_EXAMPLES,
     PARTITION_ID,
     TRAIN_REPLY_METRICS,
+    VOCAB,
 )
 
 from .records import ClientRound, NodeBudget, Sent
@@ -59,24 +61,55 @@ def one_line(text: str | None, limit: int = 300) -> str:
 
 
 def parse_budget_reply(
-    reply: Message, node_id: int, layout: ModelLayout, profile: TrainingProfile
+    reply: Message,
+    node_id: int,
+    layout: ModelLayout,
+    profile: TrainingProfile,
+    trim_vocab: bool = False,
 ) -> NodeBudget:
-    """The node's budget, if it is valid and some sub-network fits it."""
+    """The node's budget, if it is valid and some sub-network fits it.
+
+    With ``trim_vocab`` the node's reported token ids (``vocab``) are kept
+    and count towards what fits.
+    """
     if reply.has_error():
         raise Rejected(f"budget query failed: {one_line(reply.error.reason)}")
     record = reply.content.config_records.get(CONFIG)
     if record is None or not isinstance(record.get(BUDGET), str):
         raise Rejected(f"the query reply has no string {BUDGET!r} in {CONFIG!r}")
+    vocab = parse_vocab(record.get(VOCAB), layout) if trim_vocab else None
     try:
         budget = Budget.parse(record[BUDGET])
-        spec = select_subnet(layout, budget, "largest", profile=profile)
+        spec = select_subnet(layout, budget, "largest", profile=profile, vocab=vocab)
     except BudgetError as err:
         raise Rejected(f"budget {record[BUDGET]!r}: {err}") from None
     partition = record.get(PARTITION_ID)
     partition = (
         partition if isinstance(partition, int) and not isinstance(partition, bool) else None
     )
-    return NodeBudget(node_id, budget, partition, layout.count_params(spec) / layout.total_params)
+    fraction = layout.count_params(spec) / layout.total_params
+    return NodeBudget(node_id, budget, partition, fraction, vocab)
+
+
+def parse_vocab(value: object, layout: ModelLayout) -> tuple[int, ...] | None:
+    """The token ids a node reported (``"0-3,17"``), checked against the vocabulary.
+
+    ``None`` when the node reported none: its sub-models keep every row.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Rejected(f"{VOCAB!r} must be a string of token-id runs, got {type(value).__name__}")
+    try:
+        vocab = SubnetSpec.uniform(1, 1, 1, vocab=value).vocab
+    except SpecError as err:
+        raise Rejected(f"{VOCAB!r}: {err}") from None
+    ids = tuple(range(vocab)) if isinstance(vocab, int) else vocab
+    if ids[-1] >= layout.vocab_size:
+        raise Rejected(
+            f"{VOCAB!r}: token id {ids[-1]} is outside the model's {layout.vocab_size} tokens"
+        )
+    return ids
 
 
 def check_metrics(reply: Message, node_id: int) -> MetricRecord:

@@ -64,7 +64,10 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
     * **Query.** Reply with a ``ConfigRecord`` under ``"config"`` holding
       ``"budget"``, a :class:`~raffm_core.Budget` string (``"params=0.6"``,
       ``"params=40M"``, ``"memory-mb=900"``), and optionally the int
-      ``"partition-id"``, which makes node sampling reproducible across runs.
+      ``"partition-id"``, which makes node sampling reproducible across runs,
+      and, for ``trim_vocab``, ``"vocab"``: every token id of the node's
+      data as inclusive runs (``"0-3,17,101-102"``). A sub-model then takes
+      only those ids (:class:`raffm_core.extract.TrimmedEmbedding`).
     * **Train.** The instruction carries an ``ArrayRecord`` ``"arrays"`` (the
       sub-model's weights) and a ``ConfigRecord`` ``"config"`` with
       ``"spec"`` (``SubnetSpec.to_json()``), ``"base-config"`` (the full
@@ -118,6 +121,14 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         :meth:`ModelLayout.elastic_fraction` is the share of the heads' and FFN
         neurons' parameters its sub-model held, so clients that held less of
         the model pull less on the units they share.
+    trim_vocab : bool
+        Cut each sub-model's token embedding to the rows of the token ids its
+        node reported with its budget (``"vocab"`` in the query reply); what
+        the rows leave of the budget goes to heads and FFN neurons. Needs a
+        model whose token embedding is an input lookup only
+        (:attr:`ModelLayout.vocab_key`). The ids are what the node's own
+        update of the full embedding would show the server anyway: only
+        their rows change in plain FedAvg.
     rolling_tail : float
         Share of each sub-model's width, in ``[0, 1)``, that is a window
         rolling over the less salient units
@@ -149,6 +160,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         max_num_examples: int = 0,
         width_weight_power: float = 0.0,
         rolling_tail: float = 0.0,
+        trim_vocab: bool = False,
     ) -> None:
         self.layout = layout
         self.base_config = base_config
@@ -176,6 +188,12 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         if not 0.0 <= rolling_tail < 1.0:
             raise ValueError(f"rolling_tail must be in [0, 1), got {rolling_tail!r}")
         self.rolling_tail = rolling_tail
+        if trim_vocab and layout.vocab_key is None:
+            raise ValueError(
+                f"trim_vocab: the {layout.model_class} has no token embedding that can be "
+                "trimmed (an input-only embedding of the BERT or DistilBERT family)"
+            )
+        self.trim_vocab = trim_vocab
         self.nodes: dict[int, NodeBudget] = {}
         self.skipped: dict[int, str] = {}
         self.history: dict[int, RoundLog] = {}
@@ -201,11 +219,12 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         )
         log(
             INFO,
-            "\t├──> Sub-networks: %s selection, %s salience, %s layers of %d params",
+            "\t├──> Sub-networks: %s selection, %s salience, %s layers of %d params, %s",
             self.selection_mode,
             self.salience_norm,
             self.layout.num_layers,
             self.layout.total_params,
+            "vocabulary trimmed to each node's tokens" if self.trim_vocab else "whole vocabulary",
         )
         log(
             INFO,
@@ -322,6 +341,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
             self.selection_mode,
             seed=spec_seed(self.seed, server_round, node, stage),
             profile=self.profile,
+            vocab=node.vocab,
         )
         if not self.rolling_tail:
             return widths

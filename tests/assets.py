@@ -58,9 +58,15 @@ def tiny_tokenizer(words: list[str] | None = None) -> T.PreTrainedTokenizerFast:
     )
 
 
-def save_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0) -> Path:
-    """A tiny BERT classifier and its tokenizer, saved as an HF folder."""
-    tokenizer = tiny_tokenizer()
+def save_tiny_bert(
+    path: Path, num_labels: int = 2, seed: int = 0, extra_words: tuple[str, ...] = ()
+) -> Path:
+    """A tiny BERT classifier and its tokenizer, saved as an HF folder.
+
+    ``extra_words`` join the vocabulary after the corpus' words; the corpus
+    never uses them.
+    """
+    tokenizer = tiny_tokenizer(POSITIVE + NEGATIVE + FILLER + list(extra_words))
     torch.manual_seed(seed)
     config = T.BertConfig(
         vocab_size=len(tokenizer),
@@ -79,13 +85,15 @@ def save_tiny_bert(path: Path, num_labels: int = 2, seed: int = 0) -> Path:
     return path
 
 
-def tiny_bert_task(folder: Path, rows: int = 150) -> dict[str, str]:
+def tiny_bert_task(
+    folder: Path, rows: int = 150, extra_words: tuple[str, ...] = ()
+) -> dict[str, str]:
     """Run-config overrides ``model-name`` and ``dataset``: a tiny BERT and a polarity CSV.
 
     Both are saved under ``folder`` (``model/`` and ``polarity.csv``, ``rows`` rows).
     """
     return {
-        "model-name": str(save_tiny_bert(folder / "model")),
+        "model-name": str(save_tiny_bert(folder / "model", extra_words=extra_words)),
         "dataset": str(write_polarity_csv(folder / "polarity.csv", rows)),
     }
 

@@ -142,6 +142,7 @@ class RunConfig:
     selection_mode: str = LARGEST
     salience_norm: str = L1
     width_weight_power: float = 0.0
+    vocab_trim: bool = True
     # server update
     server_update: str = FEDAVG_UPDATE
     proximal_mu: float = 0.0
@@ -296,6 +297,16 @@ class RunConfig:
                     f"prompt-template = {self.prompt_template!r} names no column; expected "
                     "fields such as {text} or {question}"
                 )
+
+    @property
+    def trims_vocab(self) -> bool:
+        """Whether sub-models keep only their node's token-embedding rows.
+
+        ``vocab-trim`` applies to the sub-model strategies under full
+        fine-tuning; FedAvg sends the full model, and under LoRA a node
+        reads its frozen base weights itself.
+        """
+        return self.vocab_trim and self.strategy != FEDAVG and self.peft == NO_PEFT
 
     @property
     def budget_tiers(self) -> tuple[str, ...]:

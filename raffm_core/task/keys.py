@@ -36,6 +36,7 @@ LORA_TARGET_MODULES = "lora-target-modules"  # comma-separated, resolved by the 
 
 # --- Budget query: the reply's ConfigRecord; BUDGET is also a node-config key
 BUDGET = "budget"
+VOCAB = "vocab"  # query reply: the token ids of the node's data, as runs ("0-3,17")
 PARTITION_ID = "partition-id"  # Flower's own node-config key in simulation
 NUM_PARTITIONS = "num-partitions"  # likewise
 
