@@ -390,6 +390,73 @@ def untrained(overrides: dict[str, Any], federation: Federation) -> None:
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+# -------------------------------------------------------- zero-shot ablation
+ZERO_SHOT_ROW = "raffm"
+ZERO_SHOT_BUDGET = "params=0.7"
+ZERO_SHOT_SAMPLES = 50
+
+
+def zero_shot(out: Path, federation: str, seed: int, quick: bool) -> Path | None:
+    """Run ``scripts/ablation_zero_shot.py`` on a finished ``raffm`` run's final model.
+
+    Prioritized against random unit order at ``params=0.7`` (paper Appendix
+    A.2), written to the run's ``zero-shot/``; reused when it exists. Returns
+    the folder, or ``None`` when the run kept no final model.
+    """
+    folder = run_dir(out, federation, ZERO_SHOT_ROW, seed)
+    target = folder / "zero-shot"
+    if (target / "ablation.json").is_file():
+        return target
+    if not (folder / "final-model").is_dir():
+        return None
+    samples = 4 if quick else ZERO_SHOT_SAMPLES
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "ablation_zero_shot.py"),
+        str(folder / "final-model"),
+        "--budget",
+        ZERO_SHOT_BUDGET,
+        "--samples",
+        str(samples),
+        "--out",
+        str(target),
+    ]
+    with open(folder / "zero-shot.log", "w") as logf:
+        code = subprocess.call(command, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code != 0:
+        raise RuntimeError(f"zero-shot ablation of {folder} failed; see {folder}/zero-shot.log")
+    return target
+
+
+def zero_shot_table(out: Path, federations: list[str], seeds: list[int]) -> list[str]:
+    """Markdown lines: per federation and seed, the prioritized and random medians."""
+    lines = [
+        f"### Zero-shot sub-models of each final `{ZERO_SHOT_ROW}` model",
+        "",
+        f"{ZERO_SHOT_SAMPLES} sub-models drawn at `{ZERO_SHOT_BUDGET}` (the paper's random "
+        "draw), each cut from the model in salience order and in a random unit order "
+        "(`scripts/ablation_zero_shot.py`), scored on the run's held-out examples.",
+        "",
+        "| federation | seed | full model | prioritized median | random-order median | higher |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    found = False
+    for fed in federations:
+        for seed in seeds:
+            path = run_dir(out, fed, ZERO_SHOT_ROW, seed) / "zero-shot" / "ablation.json"
+            if not path.is_file():
+                continue
+            found = True
+            data = read_json(path)
+            pri = data["stats"]["prioritized"]["median"]
+            rnd = data["stats"]["unprioritized"]["median"]
+            higher = "prioritized" if pri > rnd else ("tie" if pri == rnd else "random order")
+            lines.append(
+                f"| {fed} | {seed} | {data['full-model']:.4f} | {pri:.4f} | {rnd:.4f} | {higher} |"
+            )
+    return lines + [""] if found else []
+
+
 # ------------------------------------------------------------------ report
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
@@ -581,6 +648,8 @@ def report(out: Path, federations: list[str], rows: list[str], seeds: list[int],
     ]
     for fed in federations:
         lines += summary_table(records, fed, rows)
+    if ZERO_SHOT_ROW in rows:
+        lines += zero_shot_table(out, federations, seeds)
     costs = [r["wall-time-s"] for r in records if r.get("wall-time-s")]
     if costs:
         lines.append(
@@ -652,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(f"{fed} {row} seed {seed}")
                 continue
             spent.append(wall)
+            if row == ZERO_SHOT_ROW and zero_shot(out, fed, seed, args.quick):
+                print(f"[benchmark] {fed} {row} seed {seed}: zero-shot ablation done", flush=True)
             eta = (len(todo) - i) * sum(spent) / len(spent)
             summary = read_json(run_dir(out, fed, row, seed) / "summary.json")
             print(
@@ -659,6 +730,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{summary['final-accuracy']:.4f}, {wall:.0f} s; about {eta / 60:.0f} min to go",
                 flush=True,
             )
+    if not args.report_only and ZERO_SHOT_ROW in rows:
+        for fed in federations:  # runs finished before the ablation was part of the benchmark
+            for seed in seeds:
+                if (run_dir(out, fed, ZERO_SHOT_ROW, seed) / "summary.json").is_file():
+                    zero_shot(out, fed, seed, args.quick)
     records = report(out, federations, rows, seeds, argv)
     print((out / "summary.md").read_text())
     print(f"[benchmark] {len(records)} runs in {out}/results.csv")

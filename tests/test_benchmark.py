@@ -110,3 +110,22 @@ def test_fedavg_without_a_client_that_holds_the_full_model_is_scored_untrained(
 ):
     overrides = benchmark.run_overrides(FED, row, 1, False, {"budget-profile": profile})
     assert benchmark.nobody_holds_the_full_model(overrides) is expected
+
+
+def test_zero_shot_table_reports_each_seeds_medians_and_which_is_higher(tmp_path):
+    for seed, (pri, rnd) in enumerate([(0.70, 0.55), (0.60, 0.60), (0.50, 0.52)], start=1):
+        folder = write_run(tmp_path, "raffm", seed, 0.7, 0.7) / "zero-shot"
+        folder.mkdir()
+        stats = {"prioritized": {"median": pri}, "unprioritized": {"median": rnd}}
+        (folder / "ablation.json").write_text(json.dumps({"full-model": 0.75, "stats": stats}))
+    lines = benchmark.zero_shot_table(tmp_path, [FED], [1, 2, 3, 4])
+    rows = [line for line in lines if line.startswith(f"| {FED}")]
+    assert rows == [
+        f"| {FED} | 1 | 0.7500 | 0.7000 | 0.5500 | prioritized |",
+        f"| {FED} | 2 | 0.7500 | 0.6000 | 0.6000 | tie |",
+        f"| {FED} | 3 | 0.7500 | 0.5000 | 0.5200 | random order |",
+    ]
+    assert benchmark.zero_shot_table(tmp_path / "none", [FED], [1]) == []
+    # A run without a final model gets no ablation (and no error).
+    write_run(tmp_path, "raffm", 5, 0.7, 0.7)
+    assert benchmark.zero_shot(tmp_path, FED, 5, quick=True) is None
