@@ -58,6 +58,7 @@ from .prioritize import Permutation, permute_state, prioritize, prioritize_state
 from .select import check_budgets, select_subnet
 from .server_opt import SERVER_UPDATES, ServerOptimizer
 from .spec import LayerSpec, SubnetSpec
+from .vocab import TrimmedEmbedding
 
 __all__ = [
     "Aggregated",
@@ -82,6 +83,7 @@ __all__ = [
     "SettingsError",
     "SpecError",
     "SubnetSpec",
+    "TrimmedEmbedding",
     "TrainingProfile",
     "UnsupportedModelError",
     "Update",

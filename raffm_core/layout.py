@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .errors import SpecError, UnsupportedModelError
-from .families import Family, find_family
+from .families import FAMILIES, Family, find_family
 from .layers import (
     Coupled,
     Index,
@@ -121,10 +121,11 @@ class ModelLayout:
                 )
         if spec.vocab is not None:
             if self.vocab_key is None:
+                trimmable = ", ".join(f.name for f in FAMILIES if f.token_embedding)
                 raise SpecError(
                     f"spec keeps vocabulary rows, but the {self.model_class} has no token "
-                    "embedding that can be trimmed (only an input-only embedding of the "
-                    "BERT and DistilBERT families, not one tied to an output layer)"
+                    f"embedding that can be trimmed (families with one: {trimmable}; never "
+                    "one tied to an output layer)"
                 )
             if width_max(spec.vocab) > self.vocab_size:
                 raise SpecError(

@@ -121,7 +121,7 @@ class SubnetSpec:
         of the full vocabulary (``None``: all of them). A node needs only the
         rows of the tokens in its data; on a small encoder those rows are
         most of the parameters (all-MiniLM-L6-v2: 11.7M of 22.7M). See
-        :class:`raffm_core.extract.TrimmedEmbedding`.
+        :class:`raffm_core.vocab.TrimmedEmbedding`.
     """
 
     layers: tuple[LayerSpec, ...]

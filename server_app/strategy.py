@@ -67,7 +67,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
       ``"partition-id"``, which makes node sampling reproducible across runs,
       and, for ``trim_vocab``, ``"vocab"``: every token id of the node's
       data as inclusive runs (``"0-3,17,101-102"``). A sub-model then takes
-      only those ids (:class:`raffm_core.extract.TrimmedEmbedding`).
+      only those ids (:class:`raffm_core.vocab.TrimmedEmbedding`).
     * **Train.** The instruction carries an ``ArrayRecord`` ``"arrays"`` (the
       sub-model's weights) and a ``ConfigRecord`` ``"config"`` with
       ``"spec"`` (``SubnetSpec.to_json()``), ``"base-config"`` (the full

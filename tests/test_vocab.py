@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import raffm_core as R
-from raffm_core.extract import TrimmedEmbedding
+from raffm_core.vocab import TrimmedEmbedding
 from tests.models import tiny_gpt2, tiny_inputs, tiny_model
 
 TRIMMABLE = ["bert", "roberta", "distilbert"]
