@@ -191,6 +191,7 @@ def check_budgets(
     model: PreTrainedModel | ModelLayout,
     budgets: list[str] | tuple[str, ...],
     profile: MemoryProfile | None = None,
+    vocab: Width | None = None,
 ) -> list[Budget]:
     """Parse a budget profile and check that at least one budget can train.
 
@@ -204,6 +205,9 @@ def check_budgets(
         Budget strings, e.g. ``RunConfig.budget_tiers``.
     profile : TrainingProfile or InferenceProfile, optional
         As in :func:`select_subnet`.
+    vocab : int or tuple of int, optional
+        As in :func:`select_subnet`. Before nodes have reported their
+        tokens, ``1`` (a single row) checks the least any node could need.
 
     Returns
     -------
@@ -225,7 +229,7 @@ def check_budgets(
     too_small: list[BudgetTooSmallError] = []
     for budget in parsed:
         try:
-            select_subnet(layout, budget, LARGEST, profile=profile)
+            select_subnet(layout, budget, LARGEST, profile=profile, vocab=vocab)
         except BudgetTooSmallError as err:
             too_small.append(err)
     if len(too_small) == len(parsed):

@@ -182,7 +182,8 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
         batch_size=cfg.batch_size, seq_len=task.tokens_per_example(cfg.max_length)
     )
     try:
-        check_budgets(layout, cfg.budget_tiers, profile)
+        rows = 1 if cfg.trims_vocab and layout.vocab_key is not None else None  # see server_app
+        check_budgets(layout, cfg.budget_tiers, profile, vocab=rows)
     except BudgetError as err:
         raise PreflightError(f"budget-profile = {cfg.budget_profile!r}: {err}") from err
     return overrides

@@ -252,7 +252,10 @@ def _federate(grid: Grid, cfg: RunConfig, out: Path, started: float) -> dict[str
     )
     strategy = build_strategy(cfg, model, lora, task.tokens_per_example(cfg.max_length))
     try:  # the simulated nodes' budgets; a deployed node's own budget is checked when it answers
-        check_budgets(strategy.layout, cfg.budget_tiers, strategy.profile)
+        # Under vocab-trim a node's rows are known only once it answers: check the
+        # least it could need (one row) here, and each node's own rows then.
+        rows = 1 if getattr(strategy, "trim_vocab", False) else None
+        check_budgets(strategy.layout, cfg.budget_tiers, strategy.profile, vocab=rows)
     except BudgetError as err:
         raise NothingToTrain(f"budget-profile = {cfg.budget_profile!r}: {err}") from err
     initial = ArrayRecord(lora.state() if lora else model.state_dict())

@@ -185,3 +185,12 @@ def test_select_fits_more_of_the_body_once_the_vocabulary_is_trimmed():
     assert whole == layout.full_spec().with_vocab(vocab)
     drawn = R.select_subnet(layout, budget, "sample", seed=3, vocab=vocab)
     assert drawn.vocab == vocab and layout.count_params(drawn) <= budget.limit(layout)
+
+
+def test_budget_profile_check_counts_the_rows_a_node_could_need_at_least():
+    layout = R.describe(tiny_model("bert"))
+    whole = layout.count_params(R.SubnetSpec.uniform(layout.num_layers, 1, 1)) / layout.total_params
+    budget = f"params={whole * 0.9:.4f}"  # below the smallest whole-vocabulary sub-network
+    with pytest.raises(R.BudgetTooSmallError, match="every budget"):
+        R.check_budgets(layout, [budget])
+    assert R.check_budgets(layout, [budget], vocab=1) == [R.Budget.parse(budget)]
