@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from raffm_core import InstructionError, width_scaler
+from raffm_core.nested import nested_dropout
 from raffm_core.task.config import PRECISIONS
 from raffm_core.task.encode import cycle, make_loader
 from raffm_core.task.keys import (
@@ -28,6 +29,7 @@ from raffm_core.task.keys import (
     LR,
     MASKED_LOSS,
     MIXED_PRECISION,
+    NESTED_DROPOUT,
     PROXIMAL_MU,
     SEED,
     SERVER_ROUND,
@@ -68,6 +70,7 @@ class TrainSettings:
     bf16: bool = False
     masked_loss: bool = False
     width_scaler: bool = False
+    nested_dropout: float = 0.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], partition_id: int) -> TrainSettings:
@@ -93,7 +96,14 @@ class TrainSettings:
             width_scaler=(
                 config_value(config, WIDTH_SCALER, bool) if WIDTH_SCALER in config else False
             ),
+            nested_dropout=(
+                config_value(config, NESTED_DROPOUT, float) if NESTED_DROPOUT in config else 0.0
+            ),
         )
+        if not 0.0 <= settings.nested_dropout < 1.0:
+            raise InstructionError(
+                f"{NESTED_DROPOUT} must be in [0, 1), got {settings.nested_dropout!r}"
+            )
         if settings.lr <= 0 or settings.batch_size < 1 or settings.proximal_mu < 0:
             raise InstructionError(f"bad training settings {settings}")
         if settings.local_steps < 0 or (settings.local_steps == 0 and settings.local_epochs <= 0):
@@ -126,7 +136,9 @@ def train_submodel(
     occur in ``dataset`` are masked out of the cross-entropy (HeteroFL's label
     split), so a client with one class does not just push the others down.
     With ``width_scaler`` a sub-model trains under
-    :func:`raffm_core.width_scaler` (HeteroFL's scaler).
+    :func:`raffm_core.width_scaler` (HeteroFL's scaler). With
+    ``nested_dropout > 0`` that share of the steps trains a random salient
+    prefix of the sub-model (:func:`raffm_core.nested.nested_dropout`).
     """
     if len(dataset) == 0:
         raise InstructionError("cannot train on an empty partition")
@@ -142,8 +154,15 @@ def train_submodel(
     total_loss, seen = 0.0, 0
     start = time.perf_counter()
     # HeteroFL's scaler, if asked: hooks on this sub-model, removed on exit.
-    with width_scaler(model) if settings.width_scaler else contextlib.nullcontext():
+    with (
+        width_scaler(model) if settings.width_scaler else contextlib.nullcontext(),
+        nested_dropout(model, settings.nested_dropout, settings.seed)
+        if settings.nested_dropout
+        else contextlib.nullcontext() as nested,
+    ):
         for _ in range(steps):
+            if nested is not None:
+                nested.draw()
             batch = next(batches)
             # bf16 autocast runs the matmuls in bfloat16 (about 1.5x faster on CPUs
             # with AVX512-BF16); weights, gradients and optimizer state stay fp32.

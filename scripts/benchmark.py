@@ -60,6 +60,12 @@ if str(ROOT) not in sys.path:
 DEFAULT_OUT = ROOT / "docs" / "benchmarks"
 SEEDS = (1, 2, 3)
 PROFILE = "params=0.6,params=0.7,params=0.8"
+PUBLISHED = {"vocab-trim": False, "nested-dropout": 0.0}
+"""What the published methods do, whatever the app's defaults: the whole vocabulary,
+no nested dropout."""
+NESTED_DROPOUT = 0.25
+"""``raffm``'s share of local steps on a random salient prefix: set once, a priori
+(a quarter keeps three quarters of the steps on the whole sub-model), never tuned."""
 
 
 @dataclass(frozen=True)
@@ -112,33 +118,43 @@ COMMON: dict[str, Any] = {
 """Settings every row shares on top of the app defaults (``pyproject.toml``)."""
 
 ROWS: dict[str, dict[str, Any] | None] = {
-    "raffm": {"strategy": "raffm", "vocab-trim": True, "save-models": True},
+    "raffm": {
+        "strategy": "raffm",
+        "vocab-trim": True,
+        "nested-dropout": NESTED_DROPOUT,
+        "save-models": True,
+    },
     "raffm-paper": {
         "strategy": "raffm",
         "salience-norm": "l1",
         "selection-mode": "sample",
-        "vocab-trim": False,
+        **PUBLISHED,
     },
-    "heterofl": {"strategy": "heterofl", "vocab-trim": False},
-    "fedrolex": {"strategy": "fedrolex", "vocab-trim": False},
-    "fedavg": {"strategy": "fedavg"},
-    "fedavg-train-all": {"strategy": "fedavg", "fedavg-train-all": True},
+    "heterofl": {"strategy": "heterofl", **PUBLISHED},
+    "fedrolex": {"strategy": "fedrolex", **PUBLISHED},
+    "fedavg": {"strategy": "fedavg", **PUBLISHED},
+    "fedavg-train-all": {"strategy": "fedavg", "fedavg-train-all": True, **PUBLISHED},
     "centralized": None,
 }
 """Each row and the run-config keys that make it differ; ``None``: pooled training.
 
-``vocab-trim`` is part of the method, not of the shared recipe: ``raffm`` (the
-app's default) trims each sub-model's vocabulary to its node's tokens;
-``heterofl``, ``fedrolex`` and ``raffm-paper`` are the published methods,
-which keep the whole vocabulary. The ``*-vocab`` variants give the peers the
-same trimming, to show how much of a difference is the trimming's.
+``vocab-trim`` and ``nested-dropout`` are part of the method, not of the
+shared recipe: ``raffm`` (the app's default) trims each sub-model's
+vocabulary to its node's tokens and trains random salient prefixes in a
+share of the local steps; ``heterofl``, ``fedrolex`` and ``raffm-paper`` are
+the published methods, which do neither. ``raffm-vocab-only`` drops the
+nested dropout and ``raffm-whole-vocab`` both (the app's previous default);
+the ``*-vocab`` variants give the peers the same trimming, to show how much
+of a difference is the trimming's.
 """
 
-_WHOLE = {"vocab-trim": False}
+_WHOLE = PUBLISHED
+_VOCAB = {"vocab-trim": True, "nested-dropout": 0.0}
 VARIANTS: dict[str, dict[str, Any]] = {
+    "raffm-vocab-only": {"strategy": "raffm", **_VOCAB, "save-models": True},
     "raffm-whole-vocab": {"strategy": "raffm", **_WHOLE, "save-models": True},
-    "heterofl-vocab": {"strategy": "heterofl", "vocab-trim": True},
-    "fedrolex-vocab": {"strategy": "fedrolex", "vocab-trim": True},
+    "heterofl-vocab": {"strategy": "heterofl", **_VOCAB},
+    "fedrolex-vocab": {"strategy": "fedrolex", **_VOCAB},
     "raffm-tail": {"strategy": "raffm", "rolling-tail": 0.5, **_WHOLE},
     "raffm-scaler": {"strategy": "raffm", "width-scaler": True, **_WHOLE},
     "heterofl-scaler": {"strategy": "heterofl", "width-scaler": True, **_WHOLE},
@@ -433,9 +449,10 @@ def zero_shot_table(out: Path, federations: list[str], seeds: list[int]) -> list
     lines = [
         f"### Zero-shot sub-models of each final `{ZERO_SHOT_ROW}` model",
         "",
-        f"{ZERO_SHOT_SAMPLES} sub-models drawn at `{ZERO_SHOT_BUDGET}` (the paper's random "
-        "draw), each cut from the model in salience order and in a random unit order "
-        "(`scripts/ablation_zero_shot.py`), scored on the run's held-out examples.",
+        f"Sub-models drawn at `{ZERO_SHOT_BUDGET}` (the paper's random draw; "
+        f"{ZERO_SHOT_SAMPLES} per run, 4 with `--quick`), each cut from the model in "
+        "salience order and in a random unit order (`scripts/ablation_zero_shot.py`), "
+        "scored on the run's held-out examples.",
         "",
         "| federation | seed | full model | prioritized median | random-order median | higher |",
         "| --- | --- | ---: | ---: | ---: | --- |",

@@ -159,6 +159,7 @@ class RunConfig:
     weight_decay: float = 0.01
     masked_loss: bool = False
     width_scaler: bool = False
+    nested_dropout: float = 0.0
     mixed_precision: str = "bf16"
     eval_batch_size: int = 32
     client_threads: int = 1
@@ -223,6 +224,7 @@ class RunConfig:
         self._check_range("test_fraction", 0.0 < self.test_fraction < 1.0, "in (0, 1)")
         self._check_range("validation_fraction", 0.0 <= self.validation_fraction < 1.0, "in [0, 1)")
         self._check_range("rolling_tail", 0.0 <= self.rolling_tail < 1.0, "in [0, 1)")
+        self._check_range("nested_dropout", 0.0 <= self.nested_dropout < 1.0, "in [0, 1)")
         for name in ("lr", "local_epochs", "dirichlet_alpha", "round_timeout_s", "query_timeout_s"):
             self._check_range(name, getattr(self, name) > 0, "> 0")
         for name in ("proximal_mu", "weight_decay", "width_weight_power"):

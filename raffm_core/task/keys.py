@@ -25,6 +25,7 @@ MAX_LENGTH = "max-length"
 WEIGHT_DECAY = "weight-decay"
 MASKED_LOSS = "masked-loss"  # bool, optional (absent: plain cross-entropy)
 WIDTH_SCALER = "width-scaler"  # bool, optional (absent: no scaler)
+NESTED_DROPOUT = "nested-dropout"  # float in [0, 1), optional (absent: 0)
 PROXIMAL_MU = "proximal-mu"
 SEED = "seed"
 MIXED_PRECISION = "mixed-precision"  # "no" or "bf16" (autocast; weights stay fp32)
