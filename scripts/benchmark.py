@@ -63,9 +63,6 @@ PROFILE = "params=0.6,params=0.7,params=0.8"
 PUBLISHED = {"vocab-trim": False, "nested-dropout": 0.0}
 """What the published methods do, whatever the app's defaults: the whole vocabulary,
 no nested dropout."""
-NESTED_DROPOUT = 0.25
-"""``raffm``'s share of local steps on a random salient prefix: set once, a priori
-(a quarter keeps three quarters of the steps on the whole sub-model), never tuned."""
 
 
 @dataclass(frozen=True)
@@ -118,12 +115,7 @@ COMMON: dict[str, Any] = {
 """Settings every row shares on top of the app defaults (``pyproject.toml``)."""
 
 ROWS: dict[str, dict[str, Any] | None] = {
-    "raffm": {
-        "strategy": "raffm",
-        "vocab-trim": True,
-        "nested-dropout": NESTED_DROPOUT,
-        "save-models": True,
-    },
+    "raffm": {"strategy": "raffm", "vocab-trim": True, "nested-dropout": 0.0, "save-models": True},
     "raffm-paper": {
         "strategy": "raffm",
         "salience-norm": "l1",
@@ -138,21 +130,22 @@ ROWS: dict[str, dict[str, Any] | None] = {
 }
 """Each row and the run-config keys that make it differ; ``None``: pooled training.
 
-``vocab-trim`` and ``nested-dropout`` are part of the method, not of the
-shared recipe: ``raffm`` (the app's default) trims each sub-model's
-vocabulary to its node's tokens and trains random salient prefixes in a
-share of the local steps; ``heterofl``, ``fedrolex`` and ``raffm-paper`` are
-the published methods, which do neither. ``raffm-vocab-only`` drops the
-nested dropout and ``raffm-whole-vocab`` both (the app's previous default);
-the ``*-vocab`` variants give the peers the same trimming, to show how much
-of a difference is the trimming's.
+``vocab-trim`` is part of the method, not of the shared recipe: ``raffm``
+(the app's default) trims each sub-model's vocabulary to its node's tokens;
+``heterofl``, ``fedrolex`` and ``raffm-paper`` are the published methods,
+which keep the whole vocabulary. ``raffm-whole-vocab`` is the app's previous
+default (no trimming); ``raffm-nd25`` and ``raffm-nd50`` add nested dropout
+(a share of local steps on a random salient prefix; 0.25 was the candidate
+default and lost to plain ``raffm`` on validation); the ``*-vocab``
+variants give the peers the same trimming.
 """
 
 _WHOLE = PUBLISHED
 _VOCAB = {"vocab-trim": True, "nested-dropout": 0.0}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "raffm-vocab-only": {"strategy": "raffm", **_VOCAB, "save-models": True},
     "raffm-whole-vocab": {"strategy": "raffm", **_WHOLE, "save-models": True},
+    "raffm-nd25": {"strategy": "raffm", **_VOCAB, "nested-dropout": 0.25, "save-models": True},
+    "raffm-nd50": {"strategy": "raffm", **_VOCAB, "nested-dropout": 0.5, "save-models": True},
     "heterofl-vocab": {"strategy": "heterofl", **_VOCAB},
     "fedrolex-vocab": {"strategy": "fedrolex", **_VOCAB},
     "raffm-tail": {"strategy": "raffm", "rolling-tail": 0.5, **_WHOLE},
@@ -407,19 +400,23 @@ def untrained(overrides: dict[str, Any], federation: Federation) -> None:
 
 
 # -------------------------------------------------------- zero-shot ablation
-ZERO_SHOT_ROW = "raffm"
+def keeps_models(row: str) -> bool:
+    """Rows whose runs keep their final model: the zero-shot ablation runs on them."""
+    return bool((ALL_ROWS.get(row) or {}).get("save-models"))
+
+
 ZERO_SHOT_BUDGET = "params=0.7"
 ZERO_SHOT_SAMPLES = 50
 
 
-def zero_shot(out: Path, federation: str, seed: int, quick: bool) -> Path | None:
-    """Run ``scripts/ablation_zero_shot.py`` on a finished ``raffm`` run's final model.
+def zero_shot(out: Path, federation: str, row: str, seed: int, quick: bool) -> Path | None:
+    """Run ``scripts/ablation_zero_shot.py`` on a finished run's final model.
 
     Prioritized against random unit order at ``params=0.7`` (paper Appendix
     A.2), written to the run's ``zero-shot/``; reused when it exists. Returns
     the folder, or ``None`` when the run kept no final model.
     """
-    folder = run_dir(out, federation, ZERO_SHOT_ROW, seed)
+    folder = run_dir(out, federation, row, seed)
     target = folder / "zero-shot"
     if (target / "ablation.json").is_file():
         return target
@@ -444,32 +441,34 @@ def zero_shot(out: Path, federation: str, seed: int, quick: bool) -> Path | None
     return target
 
 
-def zero_shot_table(out: Path, federations: list[str], seeds: list[int]) -> list[str]:
-    """Markdown lines: per federation and seed, the prioritized and random medians."""
+def zero_shot_table(
+    out: Path, federations: list[str], rows: list[str], seeds: list[int]
+) -> list[str]:
+    """Markdown lines: per federation, row and seed, the prioritized and random medians."""
     lines = [
-        f"### Zero-shot sub-models of each final `{ZERO_SHOT_ROW}` model",
+        "### Zero-shot sub-models of each final model kept",
         "",
         f"Sub-models drawn at `{ZERO_SHOT_BUDGET}` (the paper's random draw; "
         f"{ZERO_SHOT_SAMPLES} per run, 4 with `--quick`), each cut from the model in "
         "salience order and in a random unit order (`scripts/ablation_zero_shot.py`), "
         "scored on the run's held-out examples.",
         "",
-        "| federation | seed | full model | prioritized median | random-order median | higher |",
-        "| --- | --- | ---: | ---: | ---: | --- |",
+        "| federation | row | seed | full model | prioritized median | random-order median "
+        "| higher |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
     found = False
-    for fed in federations:
-        for seed in seeds:
-            path = run_dir(out, fed, ZERO_SHOT_ROW, seed) / "zero-shot" / "ablation.json"
-            if not path.is_file():
-                continue
+    for fed, row, seed in ((f, r, s) for f in federations for r in rows for s in seeds):
+        path = run_dir(out, fed, row, seed) / "zero-shot" / "ablation.json"
+        if path.is_file():
             found = True
             data = read_json(path)
             pri = data["stats"]["prioritized"]["median"]
             rnd = data["stats"]["unprioritized"]["median"]
             higher = "prioritized" if pri > rnd else ("tie" if pri == rnd else "random order")
             lines.append(
-                f"| {fed} | {seed} | {data['full-model']:.4f} | {pri:.4f} | {rnd:.4f} | {higher} |"
+                f"| {fed} | {row} | {seed} | {data['full-model']:.4f} | {pri:.4f} | {rnd:.4f} "
+                f"| {higher} |"
             )
     return lines + [""] if found else []
 
@@ -665,8 +664,7 @@ def report(out: Path, federations: list[str], rows: list[str], seeds: list[int],
     ]
     for fed in federations:
         lines += summary_table(records, fed, rows)
-    if ZERO_SHOT_ROW in rows:
-        lines += zero_shot_table(out, federations, seeds)
+    lines += zero_shot_table(out, federations, [r for r in rows if keeps_models(r)], seeds)
     costs = [r["wall-time-s"] for r in records if r.get("wall-time-s")]
     if costs:
         lines.append(
@@ -738,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(f"{fed} {row} seed {seed}")
                 continue
             spent.append(wall)
-            if row == ZERO_SHOT_ROW and zero_shot(out, fed, seed, args.quick):
+            if keeps_models(row) and zero_shot(out, fed, row, seed, args.quick):
                 print(f"[benchmark] {fed} {row} seed {seed}: zero-shot ablation done", flush=True)
             eta = (len(todo) - i) * sum(spent) / len(spent)
             summary = read_json(run_dir(out, fed, row, seed) / "summary.json")
@@ -747,11 +745,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{summary['final-accuracy']:.4f}, {wall:.0f} s; about {eta / 60:.0f} min to go",
                 flush=True,
             )
-    if not args.report_only and ZERO_SHOT_ROW in rows:
-        for fed in federations:  # runs finished before the ablation was part of the benchmark
-            for seed in seeds:
-                if (run_dir(out, fed, ZERO_SHOT_ROW, seed) / "summary.json").is_file():
-                    zero_shot(out, fed, seed, args.quick)
+    if not args.report_only:  # runs finished before the ablation was part of the benchmark
+        for fed, row, seed in ((f, r, s) for f in federations for r in rows for s in seeds):
+            if keeps_models(row) and (run_dir(out, fed, row, seed) / "summary.json").is_file():
+                zero_shot(out, fed, row, seed, args.quick)
     records = report(out, federations, rows, seeds, argv)
     print((out / "summary.md").read_text())
     print(f"[benchmark] {len(records)} runs in {out}/results.csv")

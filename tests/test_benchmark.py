@@ -118,14 +118,15 @@ def test_zero_shot_table_reports_each_seeds_medians_and_which_is_higher(tmp_path
         folder.mkdir()
         stats = {"prioritized": {"median": pri}, "unprioritized": {"median": rnd}}
         (folder / "ablation.json").write_text(json.dumps({"full-model": 0.75, "stats": stats}))
-    lines = benchmark.zero_shot_table(tmp_path, [FED], [1, 2, 3, 4])
+    lines = benchmark.zero_shot_table(tmp_path, [FED], ["raffm"], [1, 2, 3, 4])
     rows = [line for line in lines if line.startswith(f"| {FED}")]
     assert rows == [
-        f"| {FED} | 1 | 0.7500 | 0.7000 | 0.5500 | prioritized |",
-        f"| {FED} | 2 | 0.7500 | 0.6000 | 0.6000 | tie |",
-        f"| {FED} | 3 | 0.7500 | 0.5000 | 0.5200 | random order |",
+        f"| {FED} | raffm | 1 | 0.7500 | 0.7000 | 0.5500 | prioritized |",
+        f"| {FED} | raffm | 2 | 0.7500 | 0.6000 | 0.6000 | tie |",
+        f"| {FED} | raffm | 3 | 0.7500 | 0.5000 | 0.5200 | random order |",
     ]
-    assert benchmark.zero_shot_table(tmp_path / "none", [FED], [1]) == []
+    assert benchmark.zero_shot_table(tmp_path / "none", [FED], ["raffm"], [1]) == []
     # A run without a final model gets no ablation (and no error).
     write_run(tmp_path, "raffm", 5, 0.7, 0.7)
-    assert benchmark.zero_shot(tmp_path, FED, 5, quick=True) is None
+    assert benchmark.zero_shot(tmp_path, FED, "raffm", 5, quick=True) is None
+    assert benchmark.keeps_models("raffm") and not benchmark.keeps_models("heterofl")
