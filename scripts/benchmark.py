@@ -168,6 +168,20 @@ ALL_ROWS: dict[str, dict[str, Any] | None] = {**ROWS, **VARIANTS}
 
 QUICK: dict[str, Any] = {"local-steps": 1, "eval-max-examples": 64, "eval-every": 1}
 QUICK_ROUNDS = 2
+QUICK_NODES = 4
+"""``--quick``: a smoke check of every row's code path, not a measurement: 2 rounds of
+one local step on 4 nodes, one seed, ``cross-silo-10`` unless ``--federations`` says."""
+
+
+def federation_of(name: str, quick: bool) -> Federation:
+    """The federation ``name``; under ``--quick`` shrunk to :data:`QUICK_NODES` nodes."""
+    fed = FEDERATIONS[name]
+    if not quick:
+        return fed
+    nodes = min(fed.nodes, QUICK_NODES)
+    overrides = {**fed.overrides, "min-available-nodes": nodes, "min-train-nodes": 2}
+    return Federation(nodes=nodes, rounds=QUICK_ROUNDS, overrides=overrides)
+
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
 
@@ -175,13 +189,13 @@ BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"
 # ----------------------------------------------------------------- one run
 def run_overrides(federation: str, row: str, seed: int, quick: bool, extra: dict) -> dict:
     """The run config of one run (kebab-case), everything but the results directory."""
-    fed = FEDERATIONS[federation]
+    fed = federation_of(federation, quick)
     overrides = {
         **COMMON,
         **fed.overrides,
         **(ALL_ROWS[row] or {}),
         "seed": seed,
-        "num-server-rounds": QUICK_ROUNDS if quick else fed.rounds,
+        "num-server-rounds": fed.rounds,
     }
     if quick:
         overrides.update(QUICK)
@@ -356,7 +370,7 @@ def run_one(spec_json: str) -> None:
         spec["federation"], spec["row"], spec["seed"], spec["quick"], spec["extra"]
     )
     overrides["results-dir"] = spec["results-dir"]
-    federation = FEDERATIONS[spec["federation"]]
+    federation = federation_of(spec["federation"], spec["quick"])
     if ALL_ROWS[spec["row"]] is None:
         train_centralized(overrides, federation)
     elif nobody_holds_the_full_model(overrides):
@@ -712,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"unknown {unknown}; expected some of {list(known)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.quick and "--federations" not in " ".join(argv):
+        federations = ["cross-silo-10"]
     if args.quick and "--seeds" not in " ".join(argv):
         seeds = seeds[:1]
     out = (

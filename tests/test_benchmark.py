@@ -130,3 +130,13 @@ def test_zero_shot_table_reports_each_seeds_medians_and_which_is_higher(tmp_path
     write_run(tmp_path, "raffm", 5, 0.7, 0.7)
     assert benchmark.zero_shot(tmp_path, FED, "raffm", 5, quick=True) is None
     assert benchmark.keeps_models("raffm") and not benchmark.keeps_models("heterofl")
+
+
+def test_quick_runs_every_row_on_a_small_federation():
+    for name in benchmark.FEDERATIONS:
+        fed = benchmark.federation_of(name, quick=True)
+        assert fed.nodes == min(benchmark.FEDERATIONS[name].nodes, benchmark.QUICK_NODES)
+        assert fed.overrides["min-available-nodes"] == fed.nodes and fed.rounds == 2
+        assert benchmark.federation_of(name, quick=False) is benchmark.FEDERATIONS[name]
+    overrides = benchmark.run_overrides("cross-device-100", "raffm", 1, True, {})
+    assert overrides["num-server-rounds"] == 2 and overrides["local-steps"] == 1
