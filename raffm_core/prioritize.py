@@ -26,7 +26,7 @@ class names, so the attention implementation (eager, SDPA, ...) is irrelevant.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +125,10 @@ def _take_within(tensor: torch.Tensor, c: Coupled, channel_perm: torch.Tensor) -
 
 
 def rank_units(
-    state: Mapping[str, torch.Tensor], layout: ModelLayout, norm: str = L1
+    state: Mapping[str, torch.Tensor],
+    layout: ModelLayout,
+    norm: str = L1,
+    scores: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Permutation:
     """Compute the prioritizing permutation of a full-model state dict.
 
@@ -135,21 +138,35 @@ def rank_units(
     get one head order, ranked on their heads' salience summed over the stack:
     the bias column of head ``h`` is added to head ``h`` in every one of them,
     so per-layer orders could not all match the one bias table.
+
+    ``scores`` (one ``(head_groups, ffn_neurons)`` pair per layer, e.g.
+    :func:`raffm_core.importance.taylor_importance`) replaces the weight
+    norms as the salience of heads and FFN neurons; ``norm`` still orders
+    the Q/K channels within a head.
     """
     norm = _norm_fn(norm)
+    if scores is not None and len(scores) != layout.num_layers:
+        raise RaffmError(f"scores has {len(scores)} layers, the model has {layout.num_layers}")
+
+    def head_score(i: int) -> torch.Tensor:
+        if scores is not None:
+            return scores[i][0].to(torch.float64)
+        return _unit_scores(state, layout.layers[i].heads, norm, layout.num_groups)
+
     shared: dict[int, torch.Tensor] = {}
     for group in layout.head_ties:
-        score = sum(
-            _unit_scores(state, layout.layers[i].heads, norm, layout.num_groups) for i in group
-        )
+        score = sum(head_score(i) for i in group)
         for i in group:
             shared[i] = _rank(score)
     layers = []
     for layer in layout.layers:
         heads = shared.get(layer.index)
         if heads is None:
-            heads = _rank(_unit_scores(state, layer.heads, norm, layout.num_groups))
-        ffn = _rank(_unit_scores(state, layer.ffn, norm, layout.ffn_size))
+            heads = _rank(head_score(layer.index))
+        if scores is not None:
+            ffn = _rank(scores[layer.index][1].to(torch.float64))
+        else:
+            ffn = _rank(_unit_scores(state, layer.ffn, norm, layout.ffn_size))
         query_key = None
         if layer.query_key:
             d = layout.head_dim

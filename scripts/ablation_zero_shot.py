@@ -65,6 +65,7 @@ from raffm_core import (  # noqa: E402
     rank_units,
     select_subnet,
 )
+from raffm_core.importance import taylor_importance  # noqa: E402
 from raffm_core.prioritize import LayerPermutation  # noqa: E402
 from raffm_core.task.config import RunConfig  # noqa: E402
 from raffm_core.task.data import DatasetSpec, load_splits  # noqa: E402
@@ -73,6 +74,7 @@ from raffm_core.task.metrics import evaluate_model  # noqa: E402
 
 GROUPS = ("prioritized", "unprioritized")
 WITHOUT = ("random", "stored")
+SALIENCE = ("weights", "taylor")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class AblationResult:
     full_model_score: float
     examples: int
     seconds: float
+    salience: str = "weights"
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Median, quartiles, min, max and mean of each group."""
@@ -110,6 +113,7 @@ class AblationResult:
             "metric": self.metric,
             "budget": self.budget,
             "without": self.without,
+            "salience": self.salience,
             "samples": len(self.params_fractions),
             "held-out-examples": self.examples,
             "full-model": self.full_model_score,
@@ -145,6 +149,8 @@ def run_ablation(
     without: str = "random",
     batch_size: int = 64,
     log=print,
+    salience: str = "weights",
+    salience_examples: int = 256,
 ) -> AblationResult:
     """Score ``samples`` sub-models of ``budget``, prioritized and not.
 
@@ -162,6 +168,12 @@ def run_ablation(
         Held-out examples to score on (0: all).
     without : {"random", "stored"}
         The unit order of the unprioritized group.
+    salience : {"weights", "taylor"}
+        What "prioritized" ranks by: the weight norm RaFFM uses (the run's
+        ``salience-norm``), or first-order Taylor importance
+        (:func:`raffm_core.importance.taylor_importance`) measured on up to
+        ``salience_examples`` examples of the run's validation split (carved
+        from the training data; never the held-out examples scored here).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -180,7 +192,22 @@ def run_ablation(
     config = base_config(model)
     stored = {k: v.detach().clone() for k, v in model.state_dict().items()}
     prioritized = {k: v.clone() for k, v in stored.items()}
-    permute_state(prioritized, layout, rank_units(prioritized, layout, "l1"))
+    unit_scores = None
+    if salience == "taylor":
+        if splits.validation is None:
+            raise ValueError(
+                "salience 'taylor' needs the run's validation split (validation-fraction > 0)"
+            )
+        picked = encode(
+            take(splits.validation, salience_examples, cfg.seed), tokenizer, cfg.max_length
+        )
+        unit_scores = taylor_importance(model, make_loader(picked, tokenizer, 32))
+        log(f"taylor importance on {len(picked)} validation examples")
+    elif salience != "weights":
+        raise ValueError(f"salience must be one of {SALIENCE}, got {salience!r}")
+    permute_state(
+        prioritized, layout, rank_units(prioritized, layout, cfg.salience_norm, unit_scores)
+    )
     full_score = evaluate_model(model, loader, task)[metric]
     log(f"full model: {metric} {full_score:.4f} on {len(held_out)} held-out examples")
 
@@ -214,6 +241,7 @@ def run_ablation(
         full_score,
         len(held_out),
         time.monotonic() - started,
+        salience,
     )
 
 
@@ -225,7 +253,8 @@ def markdown_table(result: AblationResult) -> str:
         f"(mean parameter fraction {np.mean(result.params_fractions):.3f}), "
         f"{len(result.params_fractions)} samples, {result.metric} on "
         f"{result.examples} held-out examples; the full model scores "
-        f"{result.full_model_score:.4f}. Unprioritized = {result.without} unit order.",
+        f"{result.full_model_score:.4f}. Prioritized by {result.salience}; "
+        f"unprioritized = {result.without} unit order.",
         "",
         "| sub-models | n | median | q1 | q3 | min | max | mean |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -271,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--eval-max-examples", type=int, default=400)
     parser.add_argument("--without", choices=WITHOUT, default="random")
+    parser.add_argument(
+        "--salience",
+        choices=SALIENCE,
+        default="weights",
+        help="rank by weight norm (RaFFM) or by Taylor importance on the validation split",
+    )
+    parser.add_argument("--salience-examples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="output folder (default: next to the model)")
     args = parser.parse_args(argv)
@@ -280,7 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no run config at {run_config}; pass --run-config")
     cfg = RunConfig.from_mapping(json.loads(run_config.read_text()))
     result = run_ablation(
-        args.model, cfg, args.budget, args.samples, args.eval_max_examples, args.without
+        args.model,
+        cfg,
+        args.budget,
+        args.samples,
+        args.eval_max_examples,
+        args.without,
+        salience=args.salience,
+        salience_examples=args.salience_examples,
     )
     out = args.out or args.model.parent / "ablation"
     write_outputs(result, out)

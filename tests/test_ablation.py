@@ -75,3 +75,25 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path):
         ablation.run_ablation(tmp_path, RunConfig(), "params=0.8", 0, 10)
     with pytest.raises(ValueError, match="without"):
         ablation.run_ablation(tmp_path, RunConfig(), "params=0.8", 2, 10, without="sorted")
+
+
+def test_taylor_salience_ranks_on_the_validation_split_only(tmp_path):
+    model_dir = save_tiny_bert(tmp_path / "model")
+    mapping = {
+        "dataset": str(write_polarity_csv(tmp_path / "polarity.csv", 80)),
+        "model-name": str(model_dir),
+        "max-length": 16,
+    }
+    with pytest.raises(ValueError, match="needs the run's validation split"):
+        ablation.run_ablation(
+            model_dir, RunConfig.from_mapping(mapping), "params=0.8", 2, 12, salience="taylor"
+        )
+    cfg = RunConfig.from_mapping({**mapping, "validation-fraction": 0.2})
+    logged = []
+    result = ablation.run_ablation(
+        model_dir, cfg, "params=0.8", 2, 12, log=logged.append, salience="taylor"
+    )
+    assert result.salience == "taylor" and len(result.scores["prioritized"]) == 2
+    assert any("taylor importance on" in line and "validation" in line for line in logged)
+    with pytest.raises(ValueError, match="salience must be one of"):
+        ablation.run_ablation(model_dir, cfg, "params=0.8", 2, 12, salience="gradient")
