@@ -455,34 +455,43 @@ def zero_shot(out: Path, federation: str, row: str, seed: int, quick: bool) -> P
     return target
 
 
+ZERO_SHOT_FOLDERS = {"zero-shot": "weights (L1)", "zero-shot-taylor": "Taylor"}
+"""Ablation folders of a run and the salience each ranked by (``--salience taylor``
+runs are made by hand: ``scripts/ablation_zero_shot.py ... --out RUN/zero-shot-taylor``)."""
+
+
 def zero_shot_table(
     out: Path, federations: list[str], rows: list[str], seeds: list[int]
 ) -> list[str]:
-    """Markdown lines: per federation, row and seed, the prioritized and random medians."""
+    """Markdown lines: per federation, row, seed and salience, the two medians."""
     lines = [
         "### Zero-shot sub-models of each final model kept",
         "",
         f"Sub-models drawn at `{ZERO_SHOT_BUDGET}` (the paper's random draw; "
-        f"{ZERO_SHOT_SAMPLES} per run, 4 with `--quick`), each cut from the model in "
-        "salience order and in a random unit order (`scripts/ablation_zero_shot.py`), "
-        "scored on the run's held-out examples.",
+        f"{ZERO_SHOT_SAMPLES} per run unless the samples column says otherwise), each cut "
+        "from the model in salience order and in a random unit order "
+        "(`scripts/ablation_zero_shot.py`), scored on the run's held-out examples. Taylor "
+        "salience is measured on the run's validation split.",
         "",
-        "| federation | row | seed | full model | prioritized median | random-order median "
-        "| higher |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+        "| federation | row | seed | salience | samples | full model | prioritized median "
+        "| random-order median | higher |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     found = False
     for fed, row, seed in ((f, r, s) for f in federations for r in rows for s in seeds):
-        path = run_dir(out, fed, row, seed) / "zero-shot" / "ablation.json"
-        if path.is_file():
+        for folder, salience in ZERO_SHOT_FOLDERS.items():
+            path = run_dir(out, fed, row, seed) / folder / "ablation.json"
+            if not path.is_file():
+                continue
             found = True
             data = read_json(path)
             pri = data["stats"]["prioritized"]["median"]
             rnd = data["stats"]["unprioritized"]["median"]
             higher = "prioritized" if pri > rnd else ("tie" if pri == rnd else "random order")
+            samples = data.get("samples", data["stats"]["prioritized"].get("n", ""))
             lines.append(
-                f"| {fed} | {row} | {seed} | {data['full-model']:.4f} | {pri:.4f} | {rnd:.4f} "
-                f"| {higher} |"
+                f"| {fed} | {row} | {seed} | {salience} | {samples} | {data['full-model']:.4f} "
+                f"| {pri:.4f} | {rnd:.4f} | {higher} |"
             )
     return lines + [""] if found else []
 

@@ -121,9 +121,9 @@ def test_zero_shot_table_reports_each_seeds_medians_and_which_is_higher(tmp_path
     lines = benchmark.zero_shot_table(tmp_path, [FED], ["raffm"], [1, 2, 3, 4])
     rows = [line for line in lines if line.startswith(f"| {FED}")]
     assert rows == [
-        f"| {FED} | raffm | 1 | 0.7500 | 0.7000 | 0.5500 | prioritized |",
-        f"| {FED} | raffm | 2 | 0.7500 | 0.6000 | 0.6000 | tie |",
-        f"| {FED} | raffm | 3 | 0.7500 | 0.5000 | 0.5200 | random order |",
+        f"| {FED} | raffm | 1 | weights (L1) |  | 0.7500 | 0.7000 | 0.5500 | prioritized |",
+        f"| {FED} | raffm | 2 | weights (L1) |  | 0.7500 | 0.6000 | 0.6000 | tie |",
+        f"| {FED} | raffm | 3 | weights (L1) |  | 0.7500 | 0.5000 | 0.5200 | random order |",
     ]
     assert benchmark.zero_shot_table(tmp_path / "none", [FED], ["raffm"], [1]) == []
     # A run without a final model gets no ablation (and no error).
