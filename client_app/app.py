@@ -20,7 +20,6 @@ from flwr.clientapp import ClientApp
 from transformers import AutoConfig, PreTrainedModel
 
 from client_app.lora import build_lora_model
-from client_app.memory import release_memory
 from client_app.partition import (
     LocalData,
     check_partition,
@@ -58,6 +57,7 @@ from raffm_core.task.keys import (
     TRAIN_TIME_S,
     VOCAB,
 )
+from raffm_core.task.memory import release_memory
 from raffm_core.task.metrics import evaluate_model
 
 datasets.disable_progress_bars()

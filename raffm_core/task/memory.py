@@ -1,15 +1,18 @@
-"""Give a message's memory back to the system once its reply is built.
+"""Give memory back to the system between messages and rounds.
 
 A Ray actor serves hundreds of virtual nodes in turn, each message building
-and dropping a sub-model of another width and its optimizer state. Python
-frees those tensors, but glibc keeps the freed pages in its heaps (and in
-one arena per thread that ever allocated), so the actor's RSS climbs from
-message to message although nothing is alive. ``malloc_trim(0)`` hands the
-free pages of every arena back; a ``gc.collect()`` first frees what only
-reference cycles held (transformers modules hold some).
+and dropping a sub-model of another width and its optimizer state; the
+server builds and drops a prioritized copy of the global model and one
+sub-model per node every round. Python frees those tensors, but glibc keeps
+the freed pages in its heaps (one arena per thread that ever allocated), so
+RSS climbs from round to round although nothing is alive.
+``malloc_trim(0)`` hands the free pages of every arena back; a
+``gc.collect()`` first frees what only reference cycles held (transformers
+modules hold some). The ClientApp calls :func:`release_memory` after each
+train and evaluate reply, the ServerApp after each round.
 
 ``RAFFM_MALLOC_TRIM=0`` in the environment turns this off, to measure its
-effect (``scripts/bench_scale.py --soak``).
+effect (``scripts/bench_scale.py --soak --no-trim``).
 """
 
 from __future__ import annotations
