@@ -9,6 +9,9 @@ and ``rng.choice(100, 10, replace=False)``.
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import datasets
 import numpy as np
 import pytest
@@ -129,3 +132,14 @@ def test_the_server_keeps_per_round_records_of_the_sampled_nodes_only(run_dir):
     # rounds.json grows with the clients sampled, not with the federation
     per_client = (run_dir / "rounds.json").stat().st_size / summary["client-rounds"]
     assert per_client < 2_000, per_client
+
+
+def test_release_memory_trims_unless_turned_off(monkeypatch):
+    from raffm_core.task import memory
+
+    monkeypatch.setenv(memory.TRIM_ENV, "0")
+    assert memory.release_memory() is False
+    monkeypatch.delenv(memory.TRIM_ENV)
+    assert memory.release_memory() is (memory._malloc_trim() is not None)
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert memory._malloc_trim() is not None
