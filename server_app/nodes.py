@@ -90,7 +90,7 @@ def query_budgets(
         chunk = ordered[start : start + batch]
         _query_batch(grid, chunk, layout, profile, timeout, trim_vocab, usable, skipped, verbose)
         if not verbose:
-            log(INFO, "budget query: %d of %d nodes answered", start + len(chunk), len(ordered))
+            log(INFO, "budget query: %d of %d nodes asked", start + len(chunk), len(ordered))
     if not verbose and ordered:
         tiers = Counter(str(info.budget) for info in usable.values())
         log(
