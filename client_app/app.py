@@ -22,6 +22,7 @@ from transformers import AutoConfig, PreTrainedModel
 from client_app.lora import build_lora_model
 from client_app.partition import (
     LocalData,
+    check_partition,
     load_local_data,
     node_budget,
     node_partition,
@@ -56,6 +57,7 @@ from raffm_core.task.keys import (
     TRAIN_TIME_S,
     VOCAB,
 )
+from raffm_core.task.memory import release_memory
 from raffm_core.task.metrics import evaluate_model
 
 datasets.disable_progress_bars()
@@ -122,12 +124,16 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         """Answer the server's budget query with this node's budget string.
 
         Under ``vocab-trim`` the reply also names the token ids of the node's
-        data (``vocab``), the only embedding rows its sub-models need.
+        data (``vocab``), the only embedding rows its sub-models need. A node
+        with a partition (simulation) checks it first: partitions that cannot
+        be drawn are an error reply here, before any round, for every strategy.
         """
         cfg = RunConfig.from_mapping(context.run_config, defaults)
         reply = ConfigRecord({BUDGET: node_budget(cfg, context.node_config)})
         if PARTITION_ID in context.node_config:
-            reply[PARTITION_ID] = int(context.node_config[PARTITION_ID])
+            partition_id, num_partitions = node_partition(context.node_config)
+            check_partition(cfg, partition_id, num_partitions)
+            reply[PARTITION_ID] = partition_id
         if cfg.trims_vocab:
             partition_id, num_partitions = node_partition(context.node_config)
             data = load_local_data(cfg, partition_id, num_partitions, cfg.max_length)
@@ -139,6 +145,11 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """Fine-tune the received sub-model; reply with exactly the received keys."""
+        reply = train_reply(msg, context)
+        release_memory()  # the sub-model and its optimizer are gone now
+        return reply
+
+    def train_reply(msg: Message, context: Context) -> Message:
         job = load_job(msg, context, defaults)
         settings = TrainSettings.from_config(job.config, job.partition_id)
         with peak_memory() as memory:
@@ -159,6 +170,11 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Score the received sub-model on this node's share of the held-out split."""
+        reply = evaluate_reply(msg, context)
+        release_memory()
+        return reply
+
+    def evaluate_reply(msg: Message, context: Context) -> Message:
         job = load_job(msg, context, defaults)
         loader = make_loader(
             job.data.test, job.data.tokenizer, config_value(job.config, BATCH_SIZE, int)
