@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import math
 import resource
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import psutil
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -189,14 +192,45 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
+def resident_mb() -> float:
+    """The resident memory (RSS) of this process now, in MB."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Give the memory freed by earlier work back to the operating system.
+
+    glibc keeps freed heap memory mapped: after a training step its
+    activations and optimizer state stay in the RSS (1.3 GB after two
+    MiniLM steps at 16 x 256 tokens, 0.42 GB after ``malloc_trim``). A Ray
+    actor serving many virtual nodes in turn would start each one holding
+    the previous node's peak. Without glibc only garbage is collected.
+    """
+    gc.collect()
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 @contextmanager
 def peak_memory() -> Iterator[dict[str, float]]:
-    """Measure the peak resident memory (MB) of this process inside the block.
+    """Measure the peak resident memory (MB) of this whole process inside the block.
 
     On Linux the kernel's high-water mark is reset on entry (``clear_refs``)
     and read on exit (``VmHWM``), so the figure belongs to this block even in
-    a long-lived Ray actor. Elsewhere it is the process's lifetime peak, an
-    upper bound. The result is in ``box["peak-mb"]`` after the block.
+    a long-lived Ray actor; it is the process's RSS, libraries and data
+    included, not just what the block allocated. Elsewhere it is the
+    process's lifetime peak, an upper bound. The result is in
+    ``box["peak-mb"]`` after the block.
     """
     box: dict[str, float] = {}
     exact = False

@@ -122,6 +122,7 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     import datasets
 
     from raffm_core import BudgetError, RaffmError, TrainingProfile, check_budgets, describe
+    from raffm_core.budget import attention_materialized
     from raffm_core.task import load_task
     from raffm_core.task.config import RunConfig
     from raffm_core.task.models import load_model_config
@@ -177,9 +178,13 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     if task.info.kind == "seq2seq":
         auto = transformers.AutoModelForSeq2SeqLM
     with torch.device("meta"):
-        layout = describe(auto.from_config(config))
+        skeleton = auto.from_config(config)
+    layout = describe(skeleton)
     profile = TrainingProfile(
-        batch_size=cfg.batch_size, seq_len=task.tokens_per_example(cfg.max_length)
+        batch_size=cfg.batch_size,
+        seq_len=task.tokens_per_example(cfg.max_length),
+        eager_attention=attention_materialized(skeleton.config),
+        margin=cfg.memory_margin,
     )
     try:
         check_budgets(layout, cfg.budget_tiers, profile)
