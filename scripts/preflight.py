@@ -125,6 +125,7 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
 
     from client_app.partition import check_partition, draw_partitions, process_task
     from raffm_core import BudgetError, RaffmError, TrainingProfile, check_budgets, describe
+    from raffm_core.budget import attention_materialized
     from raffm_core.task.config import RunConfig
     from raffm_core.task.models import load_model_config
 
@@ -186,9 +187,13 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     if task.info.kind == "seq2seq":
         auto = transformers.AutoModelForSeq2SeqLM
     with torch.device("meta"):
-        layout = describe(auto.from_config(config))
+        skeleton = auto.from_config(config)
+    layout = describe(skeleton)
     profile = TrainingProfile(
-        batch_size=cfg.batch_size, seq_len=task.tokens_per_example(cfg.max_length)
+        batch_size=cfg.batch_size,
+        seq_len=task.tokens_per_example(cfg.max_length),
+        eager_attention=attention_materialized(skeleton.config),
+        margin=cfg.memory_margin,
     )
     try:
         rows = 1 if cfg.trims_vocab and layout.vocab_key is not None else None  # see server_app

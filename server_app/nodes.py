@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -13,7 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from raffm_core import ModelLayout, TrainingProfile
-from raffm_core.task.keys import CONFIG, SERVER_ROUND
+from raffm_core.task.keys import BASELINE_MB, CONFIG, METRICS, SERVER_ROUND
 
 from .records import NodeBudget
 from .replies import Rejected, parse_budget_reply
@@ -142,10 +143,11 @@ def _query_batch(
         if verbose:
             log(
                 INFO,
-                "node %d (partition %s): budget %s, up to %.2f of the parameters%s",
+                "node %d (partition %s): budget %s%s, up to %.2f of the parameters%s",
                 node_id,
                 info.partition_id,
                 info.budget,
+                "" if info.baseline_mb is None else f" (process holds {info.baseline_mb:.0f} MB)",
                 info.max_fraction,
                 "" if info.vocab is None else f" with {len(info.vocab)} vocabulary rows",
             )
@@ -184,3 +186,31 @@ def spec_seed(seed: int, server_round: int, node: NodeBudget, stage: str) -> int
     return int(
         np.random.SeedSequence([seed, server_round, STAGES[stage], who]).generate_state(1)[0]
     )
+
+
+def note_baselines(nodes: dict[int, NodeBudget], replies: Iterable[Message]) -> None:
+    """Raise each node's baseline to the ``baseline-mb`` its train reply reports.
+
+    A process can hold more than it did at the budget query (a Ray actor
+    keeps what earlier nodes and rounds left behind), and the later rounds
+    fit the node's sub-model to the largest baseline it has reported.
+    ``replies`` are accepted train replies (their metrics checked finite).
+    """
+    for reply in replies:
+        node = nodes.get(reply.metadata.src_node_id)
+        reported = reply.content.metric_records[METRICS].get(BASELINE_MB)
+        if node is None or not isinstance(reported, int | float) or reported < 0:
+            continue
+        if node.baseline_mb is None or reported > node.baseline_mb:
+            nodes[node.node_id] = dataclasses.replace(node, baseline_mb=float(reported))
+            if node.budget.kind == "memory-mb":
+                log(
+                    INFO,
+                    "node %d: its process holds %.0f MB besides a step (%s, was %s); "
+                    "later rounds fit its %s to that",
+                    node.node_id,
+                    reported,
+                    BASELINE_MB,
+                    "none" if node.baseline_mb is None else f"{node.baseline_mb:.0f} MB",
+                    node.budget,
+                )
