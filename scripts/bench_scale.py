@@ -33,6 +33,7 @@ Usage::
     .venv/bin/python scripts/bench_scale.py --preset minilm --nodes 10 --per-round 10
     .venv/bin/python scripts/bench_scale.py --soak --preset minilm --rounds 32 --out /tmp/soak
     .venv/bin/python scripts/bench_scale.py --preset digits --nodes 10,100 --rounds 2   # smoke
+    .venv/bin/python scripts/bench_scale.py --plot a/soak.csv:trim b/soak.csv:no-trim --out DIR
 """
 
 from __future__ import annotations
@@ -329,28 +330,36 @@ def report_soak(result: dict[str, Any], out: Path, first: int = 3) -> None:
         for r in rows:
             cells = [f"{r['server-mb']:.1f}"] + [f"{v:.1f}" for v in r["actors-mb"]]
             f.write(f"{r['round']}," + ",".join(cells) + "\n")
-    _plot_soak(rows, out / "soak.png")
+    plot_csvs([str(out / "soak.csv")], out / "soak.png")
     print(f"  wrote {out / 'soak.csv'} and {out / 'soak.png'}")
 
 
-def _plot_soak(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_csvs(items: list[str], path: Path) -> None:
+    """``soak.csv`` files (``PATH:LABEL``) on one plot: server and actor RSS per round."""
+    import csv
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rounds = [r["round"] for r in rows]
-    ax.plot(rounds, [r["server-mb"] for r in rows], marker=".", label="server process")
-    width = max(len(r["actors-mb"]) for r in rows)
-    for i in range(width):
-        values = [r["actors-mb"][i] if i < len(r["actors-mb"]) else None for r in rows]
-        ax.plot(rounds, values, marker=".", label=f"Ray actor {i}")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for item, style in zip(items, ("-", "--", ":", "-."), strict=False):
+        name, _, label = item.partition(":")
+        with open(name) as f:
+            rows = list(csv.DictReader(f))
+        rounds = [int(r["round"]) for r in rows]
+        for key in rows[0]:
+            if key == "round":
+                continue
+            who = "server" if key.startswith("server") else key.replace("_mb", "")
+            values = [float(r[key]) if r[key] else None for r in rows]
+            ax.plot(rounds, values, style, marker=".", label=f"{who} ({label or name})")
     ax.set_xlabel("round")
     ax.set_ylabel("RSS after the round (MB)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.set_title("Soak: resident memory per round")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -368,8 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak", action="store_true", help="one setting, RSS after every round")
     parser.add_argument("--no-trim", action="store_true", help="RAFFM_MALLOC_TRIM=0 in the run")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-scale")
+    parser.add_argument("--plot", nargs="+", help="soak.csv[:label] files: plot to --out/soak.png")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plot:
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_csvs(args.plot, args.out / "soak.png")
+        print(f"wrote {args.out / 'soak.png'}")
+        return 0
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return 0
