@@ -22,6 +22,7 @@ from transformers import AutoConfig, PreTrainedModel
 from client_app.lora import build_lora_model
 from client_app.partition import (
     LocalData,
+    check_partition,
     load_local_data,
     node_budget,
     node_partition,
@@ -32,15 +33,17 @@ from client_app.training import (
     TrainSettings,
     config_value,
     peak_memory,
+    resident_mb,
     train_submodel,
 )
-from raffm_core import SubnetSpec, build_submodel
+from raffm_core import Budget, BudgetError, SubnetSpec, build_submodel
 from raffm_core.spec import format_runs
 from raffm_core.task.config import LORA, NO_PEFT, PEFT_METHODS, RunConfig
 from raffm_core.task.encode import make_loader
 from raffm_core.task.keys import (
     ARRAYS,
     BASE_CONFIG,
+    BASELINE_MB,
     BATCH_SIZE,
     BUDGET,
     CONFIG,
@@ -56,6 +59,7 @@ from raffm_core.task.keys import (
     TRAIN_TIME_S,
     VOCAB,
 )
+from raffm_core.task.memory import release_memory
 from raffm_core.task.metrics import evaluate_model
 
 datasets.disable_progress_bars()
@@ -73,6 +77,8 @@ class Job:
     data: LocalData
     read_state: Callable[[], Mapping[str, torch.Tensor]]
     """The arrays to send back: the model's state dict, or adapters and head under LoRA."""
+    baseline_mb: float
+    """RSS the process held besides the received sub-model, once the data was loaded."""
 
 
 def load_job(msg: Message, context: Context, defaults: Mapping[str, Any] | None) -> Job:
@@ -91,7 +97,11 @@ def load_job(msg: Message, context: Context, defaults: Mapping[str, Any] | None)
     config = msg.content.config_records[CONFIG]
     spec = SubnetSpec.from_json(config_value(config, SPEC, str))
     base = AutoConfig.for_model(**json.loads(config_value(config, BASE_CONFIG, str)))
+    partition_id, num_partitions = node_partition(context.node_config)
+    data = load_local_data(cfg, partition_id, num_partitions, config_value(config, MAX_LENGTH, int))
     arrays = msg.content.array_records[ARRAYS]
+    # The received arrays become the model's weights, which the memory model counts.
+    baseline_mb = max(0.0, resident_mb() - arrays.count_bytes() / 2**20)
     keys = tuple(arrays.keys())
     received = arrays.to_torch_state_dict(keep_input=False)
     peft = config.get(PEFT, NO_PEFT)
@@ -104,9 +114,7 @@ def load_job(msg: Message, context: Context, defaults: Mapping[str, Any] | None)
     else:
         model = build_submodel(base, spec, received)
         read_state = model.state_dict
-    partition_id, num_partitions = node_partition(context.node_config)
-    data = load_local_data(cfg, partition_id, num_partitions, config_value(config, MAX_LENGTH, int))
-    return Job(cfg, config, partition_id, model, keys, data, read_state)
+    return Job(cfg, config, partition_id, model, keys, data, read_state, baseline_mb)
 
 
 def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
@@ -122,16 +130,28 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         """Answer the server's budget query with this node's budget string.
 
         Under ``vocab-trim`` the reply also names the token ids of the node's
-        data (``vocab``), the only embedding rows its sub-models need.
+        data (``vocab``), the only embedding rows its sub-models need. With a
+        ``memory-mb`` budget, which bounds the whole process, it carries
+        ``baseline-mb``: the RSS this process holds once the node's data and
+        tokenizer are loaded, which the server keeps out of the training step.
+        A node with a partition (simulation) checks it first: partitions that
+        cannot be drawn are an error reply here, before any round.
         """
+        release_memory()  # what earlier messages left is not this node's baseline
         cfg = RunConfig.from_mapping(context.run_config, defaults)
-        reply = ConfigRecord({BUDGET: node_budget(cfg, context.node_config)})
+        budget = node_budget(cfg, context.node_config)
+        reply = ConfigRecord({BUDGET: budget})
         if PARTITION_ID in context.node_config:
-            reply[PARTITION_ID] = int(context.node_config[PARTITION_ID])
-        if cfg.trims_vocab:
+            partition_id, num_partitions = node_partition(context.node_config)
+            check_partition(cfg, partition_id, num_partitions)
+            reply[PARTITION_ID] = partition_id
+        memory = _is_memory_budget(budget)
+        if cfg.trims_vocab or memory:
             partition_id, num_partitions = node_partition(context.node_config)
             data = load_local_data(cfg, partition_id, num_partitions, cfg.max_length)
-            ids = token_ids(data)
+            if memory:
+                reply[BASELINE_MB] = resident_mb()
+            ids = token_ids(data) if cfg.trims_vocab else None
             if ids is not None:
                 reply[VOCAB] = format_runs(ids)
         return Message(RecordDict({CONFIG: reply}), reply_to=msg)
@@ -139,12 +159,15 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """Fine-tune the received sub-model; reply with exactly the received keys."""
-        job = load_job(msg, context, defaults)
-        settings = TrainSettings.from_config(job.config, job.partition_id)
+        release_memory()  # what earlier messages left is not this instruction's
+        # The peak covers the whole instruction: loading, training and the reply's copy.
         with peak_memory() as memory:
+            job = load_job(msg, context, defaults)
+            settings = TrainSettings.from_config(job.config, job.partition_id)
             result = train_submodel(job.model, job.data.train, job.data.tokenizer, settings)
-        state = job.read_state()
-        arrays = ArrayRecord({k: state[k].detach() for k in job.keys})
+            release_memory()  # activations and optimizer state are garbage now
+            state = job.read_state()
+            arrays = ArrayRecord({k: state[k].detach() for k in job.keys})
         metrics = MetricRecord(
             {
                 NUM_EXAMPLES: len(job.data.train),
@@ -152,6 +175,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 TRAIN_TIME_S: result.seconds,
                 TRAIN_STEPS: result.steps,
                 PEAK_MEMORY_MB: memory["peak-mb"],
+                BASELINE_MB: job.baseline_mb,
             }
         )
         return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
@@ -159,6 +183,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Score the received sub-model on this node's share of the held-out split."""
+        release_memory()
         job = load_job(msg, context, defaults)
         loader = make_loader(
             job.data.test, job.data.tokenizer, config_value(job.config, BATCH_SIZE, int)
@@ -167,6 +192,14 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app
+
+
+def _is_memory_budget(budget: str) -> bool:
+    """Whether ``budget`` is a valid ``memory-mb`` budget (the server rejects invalid ones)."""
+    try:
+        return Budget.parse(budget).kind == "memory-mb"
+    except BudgetError:
+        return False
 
 
 app = build_client_app()

@@ -203,14 +203,20 @@ def build_partitioner(cfg: RunConfig, num_partitions: int, num_examples: int) ->
 
 
 @lru_cache(maxsize=2)
-def _task(cfg: RunConfig) -> Task:
+def process_task(cfg: RunConfig) -> Task:
     """The run's workload, loaded once per process (a Ray actor serves many nodes)."""
     return load_task(cfg)
 
 
 @lru_cache(maxsize=4)
-def _partitioners(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, datasets.Dataset]:
-    splits = _task(cfg).splits
+def _drawn(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, datasets.Dataset]:
+    """The train split's partitioner with its draw done, and the held-out split.
+
+    The draw happens here, once per process, rather than in the first
+    ``load_partition`` of each node: a draw that fails fails here.
+    """
+    task = process_task(cfg)
+    splits = task.splits
     if cfg.partitioner == "dirichlet" and not splits.task.has_class_labels:
         raise ConfigError(
             f"partitioner = 'dirichlet' splits by class label; a {splits.task.kind} "
@@ -218,16 +224,75 @@ def _partitioners(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, dat
         )
     train = build_partitioner(cfg, num_partitions, len(splits.train))
     train.dataset = splits.train
+    try:
+        train.load_partition(0)  # draws every partition's indices
+    except ValueError as err:  # flwr-datasets gives up on a Dirichlet draw it cannot meet
+        raise ConfigError(
+            f"cannot draw {num_partitions} Dirichlet partitions (dirichlet-alpha = "
+            f"{cfg.dirichlet_alpha}) of at least {MIN_PARTITION_SIZE} examples from the "
+            f"{len(splits.train)} train examples of {cfg.dataset!r} ({err}); use a larger "
+            "dirichlet-alpha, fewer nodes, more data or partitioner = 'iid'"
+        ) from None
     # Every node scores federated evaluation on an IID share of the held-out split.
     return train, splits.test
 
 
-@lru_cache(maxsize=16)
+_FAILED_DRAWS: dict[tuple[RunConfig, int], str] = {}
+"""Draws that failed in this process, by (config, partitions): the reason.
+
+A Ray actor serves hundreds of virtual nodes; without this each of them
+would redo the failing draw (flwr-datasets tries 11 times) before replying
+with the same error, and a 1,000-node query would look hung.
+"""
+
+
+def draw_partitions(cfg: RunConfig, num_partitions: int) -> tuple[Partitioner, datasets.Dataset]:
+    """The train split's partitioner (drawn) and the held-out split, once per process.
+
+    A failed draw is remembered too (``lru_cache`` forgets exceptions).
+
+    Raises
+    ------
+    ConfigError
+        If the partitions cannot be drawn: fewer examples than partitions,
+        a Dirichlet draw flwr-datasets cannot meet, or a ``dirichlet``
+        partitioner on a task without class labels.
+    """
+    failed = _FAILED_DRAWS.get((cfg, num_partitions))
+    if failed is not None:
+        raise ConfigError(failed)
+    try:
+        return _drawn(cfg, num_partitions)
+    except ConfigError as err:
+        _FAILED_DRAWS[(cfg, num_partitions)] = str(err)
+        raise
+
+
+def check_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> int:
+    """The number of train examples of partition ``partition_id``; draws the partitions once.
+
+    Raises
+    ------
+    ConfigError
+        If the partitions cannot be drawn (too many nodes for the data, or a
+        Dirichlet draw flwr-datasets cannot meet), or this one is empty.
+    """
+    train, _ = draw_partitions(cfg, num_partitions)
+    size = len(train.load_partition(partition_id))
+    if size < 1:
+        raise ConfigError(
+            f"partition {partition_id} of {num_partitions} of {cfg.dataset!r} is empty; "
+            "use fewer nodes, more data or partitioner = 'iid'"
+        )
+    return size
+
+
 def token_ids(data: LocalData) -> tuple[int, ...] | None:
     """Every token id of the node's data (train and evaluation share), sorted.
 
     With the tokenizer's special tokens, which the model may see whatever
-    the data. ``None`` for data that is not token ids (images).
+    the data. ``None`` for data that is not token ids (images). Not cached:
+    ``LocalData`` hashes by identity, and a new one is built for every message.
     """
     splits = [s for s in (data.train, data.test) if "input_ids" in s.column_names]
     if not splits:
@@ -243,16 +308,9 @@ def load_local_data(
     cfg: RunConfig, partition_id: int, num_partitions: int, max_length: int
 ) -> LocalData:
     """Partition ``partition_id`` of the train split and of the held-out split, tokenized."""
-    task = _task(cfg)
-    train, test = _partitioners(cfg, num_partitions)
-    try:
-        local = train.load_partition(partition_id)
-    except ValueError as err:  # flwr-datasets gives up on a Dirichlet draw it cannot meet
-        raise ConfigError(
-            f"cannot draw {num_partitions} Dirichlet partitions (dirichlet-alpha = "
-            f"{cfg.dirichlet_alpha}) of {len(task.splits.train)} examples: {err}; use a larger "
-            "dirichlet-alpha, fewer nodes, more data or partitioner = 'iid'"
-        ) from None
+    task = process_task(cfg)
+    train, test = draw_partitions(cfg, num_partitions)
+    local = train.load_partition(partition_id)
     return LocalData(
         train=task.encode(local, max_length),
         test=task.encode(evaluation_share(test, partition_id, num_partitions), max_length),

@@ -15,6 +15,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import psutil
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -208,14 +209,21 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
+def resident_mb() -> float:
+    """The resident memory (RSS) of this process now, in MB."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
 @contextmanager
 def peak_memory() -> Iterator[dict[str, float]]:
-    """Measure the peak resident memory (MB) of this process inside the block.
+    """Measure the peak resident memory (MB) of this whole process inside the block.
 
     On Linux the kernel's high-water mark is reset on entry (``clear_refs``)
     and read on exit (``VmHWM``), so the figure belongs to this block even in
-    a long-lived Ray actor. Elsewhere it is the process's lifetime peak, an
-    upper bound. The result is in ``box["peak-mb"]`` after the block.
+    a long-lived Ray actor; it is the process's RSS, libraries and data
+    included, not just what the block allocated. Elsewhere it is the
+    process's lifetime peak, an upper bound. The result is in
+    ``box["peak-mb"]`` after the block.
     """
     box: dict[str, float] = {}
     exact = False

@@ -47,7 +47,11 @@ what a device must hold, not what the tensors alone take.
   during backward (their gradients) and what the allocator keeps afterwards.
 * ``runtime`` (:data:`RUNTIME_OVERHEAD_MB`) is the peak RSS of a process that
   has imported torch, transformers and ``raffm_core`` and trained a
-  negligible model.
+  negligible model. A real node's process holds more before its step (Flower,
+  datasets, its data and tokenizer, what earlier work left): given that
+  *baseline*, :meth:`TrainingProfile.with_baseline` takes ``runtime = baseline +``
+  :data:`STEP_WORKSPACE_MB` instead, so a ``memory-mb`` budget bounds the
+  whole process, not just the step.
 
 Loading or extracting a model (briefly up to two copies of its weights) is a
 one-off before training and is not part of this estimate. The constants were
@@ -59,10 +63,12 @@ measured peak RSS of a real training step of MiniLM (all-MiniLM-L6-v2), a
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from math import prod
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from .errors import BudgetError
 from .layout import ModelLayout
@@ -73,6 +79,22 @@ RUNTIME_OVERHEAD_MB = 405.0
 after ``import torch, transformers``, 367 MB once ``raffm_core`` has imported
 ``transformers.modeling_utils``, and 404 MB after two AdamW steps of a
 36k-parameter BERT (autograd, BLAS and oneDNN working memory)."""
+
+LIBRARIES_MB = 367.0
+"""RSS, in MB, after importing torch, transformers and ``raffm_core``: what
+:data:`RUNTIME_OVERHEAD_MB` assumes a process holds before its first step."""
+
+STEP_WORKSPACE_MB = RUNTIME_OVERHEAD_MB - LIBRARIES_MB
+"""What a training step adds to a process besides the model's own tensors
+(autograd, BLAS and oneDNN working memory): 404 - 367 MB, measured as above."""
+
+ATTENTION_DROPOUT_KEYS = (
+    "attention_probs_dropout_prob",  # BERT, RoBERTa, ELECTRA, ViT
+    "attention_dropout",  # DistilBERT, Llama-style decoders
+    "attn_pdrop",  # GPT-2
+    "dropout_rate",  # T5
+)
+"""Config attributes that hold a family's attention dropout probability."""
 
 NORM_ACTIVATIONS = 4
 """Hidden-size tensors saved per token per layer, besides the inputs of the
@@ -221,6 +243,21 @@ class _Profile:
         if self.batch_size < 1 or self.seq_len < 1:
             raise BudgetError(f"batch_size and seq_len must be >= 1, got {self}")
 
+    def with_baseline(self, baseline_mb: float | None) -> Self:
+        """This profile for a process holding ``baseline_mb`` besides its work (None: as is).
+
+        The runtime becomes ``baseline_mb +`` :data:`STEP_WORKSPACE_MB`, never
+        less than ``runtime_mb`` (a baseline measured before every library
+        was imported must not make room the step will need). Raises
+        :class:`BudgetError` unless ``baseline_mb`` is a finite number >= 0.
+        """
+        if baseline_mb is None:
+            return self
+        if not (isinstance(baseline_mb, int | float) and 0 <= baseline_mb < math.inf):
+            raise BudgetError(f"baseline_mb must be a finite number >= 0, got {baseline_mb!r}")
+        runtime = max(self.runtime_mb, baseline_mb + STEP_WORKSPACE_MB)
+        return dataclasses.replace(self, runtime_mb=runtime)
+
 
 @dataclass(frozen=True)
 class TrainingProfile(_Profile):
@@ -238,11 +275,20 @@ class TrainingProfile(_Profile):
     trainable_params : int or None
         Parameters that get gradients and optimizer state; ``None`` for all of
         them (full fine-tuning).
+    margin : float
+        Headroom for the estimate's error, as a fraction of the step's own
+        part (everything but ``runtime_mb``); 0 is the plain estimate.
     """
 
     batch_size: int = 16
     seq_len: int = 64
     trainable_params: int | None = None
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.margin < math.inf:
+            raise BudgetError(f"margin must be a finite number >= 0, got {self.margin!r}")
 
     def memory_mb(self, layout: ModelLayout, spec: SubnetSpec) -> float:
         """:func:`training_memory_mb` of ``spec`` under this profile."""
@@ -277,6 +323,23 @@ class InferenceProfile(_Profile):
             widest = max(widest, live)
         act = 4 * widest * self.batch_size * self.seq_len
         return self.runtime_mb + (4 * layout.count_params(spec) + act) / 2**20
+
+
+def attention_materialized(config: Any) -> bool:
+    """Whether training a model of ``config`` (a ``PretrainedConfig``) keeps attention scores.
+
+    Eager attention does; so does SDPA on CPU whenever attention dropout
+    (:data:`ATTENTION_DROPOUT_KEYS`) is on: PyTorch's fused CPU kernel takes
+    no dropout, and its math fallback keeps the probabilities, the dropout
+    mask and the dropped probabilities. The result is a
+    :class:`TrainingProfile`'s ``eager_attention``.
+    """
+    if getattr(config, "_attn_implementation", None) == "eager":
+        return True
+    return any(
+        isinstance(p := getattr(config, key, None), int | float) and p > 0
+        for key in ATTENTION_DROPOUT_KEYS
+    )
 
 
 def _layer_widths(layout: ModelLayout, spec: SubnetSpec) -> list[tuple[int, int, int]]:
@@ -329,7 +392,8 @@ def training_memory_mb(layout: ModelLayout, spec: SubnetSpec, profile: TrainingP
     -------
     float
         Runtime, weights, gradients, AdamW state and temporaries, and
-        activations, in MB (see the module docstring).
+        activations, in MB (see the module docstring); all but the runtime
+        times ``1 + profile.margin``.
     """
     shapes = layout.sub_shapes(spec)
     sizes = [prod(shape) for key, shape in shapes.items() if key not in layout.tied]
@@ -338,4 +402,4 @@ def training_memory_mb(layout: ModelLayout, spec: SubnetSpec, profile: TrainingP
     largest = min(max(sizes, default=0), trainable)
     state_bytes = 4 * total + 4 * trainable + 8 * trainable + 4 * ADAMW_TEMPORARIES * largest
     act_bytes = ACTIVATION_OVERHEAD * 4 * activation_floats(layout, spec, profile)
-    return profile.runtime_mb + (state_bytes + act_bytes) / 2**20
+    return profile.runtime_mb + (1 + profile.margin) * (state_bytes + act_bytes) / 2**20

@@ -13,7 +13,9 @@ SuperLink and Ray are up (35-65 s):
   a hub name in the local HF cache; an architecture of a supported family
   that runs the task (:func:`raffm_core.task.support.check_task`);
 * the dataset: reachable, the columns present, at least two classes, no
-  missing labels; and at least one example per node;
+  missing labels; and at least one example per node; with ``--nodes`` (a
+  simulation's ``num-supernodes``), that the partitioner can draw that many
+  partitions (a Dirichlet draw of 1,000 nodes can fail) and none is empty;
 * the budget profile: every tier parses, and at least one tier can hold the
   smallest sub-network.
 
@@ -121,8 +123,9 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     """Everything the module docstring lists; returns the overrides to pass on."""
     import datasets
 
+    from client_app.partition import check_partition, draw_partitions, process_task
     from raffm_core import BudgetError, RaffmError, TrainingProfile, check_budgets, describe
-    from raffm_core.task import load_task
+    from raffm_core.budget import attention_materialized
     from raffm_core.task.config import RunConfig
     from raffm_core.task.models import load_model_config
 
@@ -155,7 +158,7 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
 
     # the data: splits, columns, labels, examples per node
     try:
-        task = load_task(cfg)
+        task = process_task(cfg)  # cached: the partition draw below reuses it
     except RaffmError as err:
         raise PreflightError(f"dataset = {cfg.dataset!r}: {err}") from err
     total = nodes or cfg.min_available_nodes
@@ -164,6 +167,13 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
             f"dataset = {cfg.dataset!r}: {len(task.splits.train)} training examples for "
             f"{total} nodes; every node needs at least one"
         )
+    if nodes:  # simulation: the nodes' partitions are known (deployed nodes bring their own)
+        try:
+            draw_partitions(cfg, nodes)
+            for pid in range(nodes):
+                check_partition(cfg, pid, nodes)
+        except RaffmError as err:
+            raise PreflightError(f"{nodes} nodes (num-supernodes): {err}") from err
 
     # the budgets: every tier parses; one at least holds the smallest sub-network
     config.num_labels = max(task.info.num_labels, 1)
@@ -177,9 +187,13 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
     if task.info.kind == "seq2seq":
         auto = transformers.AutoModelForSeq2SeqLM
     with torch.device("meta"):
-        layout = describe(auto.from_config(config))
+        skeleton = auto.from_config(config)
+    layout = describe(skeleton)
     profile = TrainingProfile(
-        batch_size=cfg.batch_size, seq_len=task.tokens_per_example(cfg.max_length)
+        batch_size=cfg.batch_size,
+        seq_len=task.tokens_per_example(cfg.max_length),
+        eager_attention=attention_materialized(skeleton.config),
+        margin=cfg.memory_margin,
     )
     try:
         rows = 1 if cfg.trims_vocab and layout.vocab_key is not None else None  # see server_app

@@ -24,6 +24,7 @@ from raffm_core import (
     check_budgets,
     describe,
 )
+from raffm_core.budget import attention_materialized
 from raffm_core.task import load_task
 from raffm_core.task.config import RunConfig
 from raffm_core.task.data import TaskInfo
@@ -77,6 +78,8 @@ def build_strategy(
     profile = TrainingProfile(
         batch_size=cfg.batch_size,
         seq_len=seq_len or cfg.max_length,
+        eager_attention=attention_materialized(model.config),
+        margin=cfg.memory_margin,
         trainable_params=None if lora is None else sum(v.numel() for v in lora.state().values()),
     )
     if lora is None:

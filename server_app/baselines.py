@@ -54,7 +54,7 @@ class _Unprioritized(RaFFM):
     def _prefix_widths(self, node: NodeBudget) -> SubnetSpec:
         """The widest uniform prefix within the node's budget (deterministic)."""
         return select_subnet(
-            self.layout, node.budget, "largest", profile=self.profile, vocab=node.vocab
+            self.layout, node.budget, "largest", profile=self.node_profile(node), vocab=node.vocab
         )
 
 
@@ -91,7 +91,7 @@ class FullModelFedAvg(_Unprioritized):
         full = self.layout.full_spec()
         if self.train_all:
             return full
-        cost = node.budget.cost(self.layout, full, self.profile)
+        cost = node.budget.cost(self.layout, full, self.node_profile(node))
         limit = node.budget.limit(self.layout)
         if cost > limit:
             unit = "parameters" if node.budget.kind == "params" else "MB"

@@ -14,6 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from raffm_core.task.memory import release_memory
+
 from .nodes import query_budgets, wait_for_nodes
 from .progress import ProgressGrid
 from .records import NodeBudget, log_progress
@@ -89,13 +91,18 @@ class RunLoop:
     def reporting(
         self, evaluate_fn: EvaluateFn | None, on_round_end: RoundEndFn | None
     ) -> EvaluateFn:
-        """``evaluate_fn`` for Flower's loop: evaluate, log progress, then ``on_round_end``."""
+        """``evaluate_fn`` for Flower's loop: evaluate, log progress, ``on_round_end``, trim.
+
+        Then :func:`raffm_core.task.memory.release_memory`, so the server's RSS
+        stays flat over long runs.
+        """
 
         def evaluate_and_report(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
             log_progress(self.history.get(server_round), server_round, self.num_rounds, metrics)
             if on_round_end is not None:
                 on_round_end(server_round, arrays, metrics)
+            release_memory()  # the round's prioritized copy and sub-models are garbage now
             return metrics
 
         return evaluate_and_report

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import Counter
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -12,7 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from raffm_core import ModelLayout, TrainingProfile
-from raffm_core.task.keys import CONFIG, SERVER_ROUND
+from raffm_core.task.keys import BASELINE_MB, CONFIG, METRICS, SERVER_ROUND
 
 from .records import NodeBudget
 from .replies import Rejected, parse_budget_reply
@@ -43,6 +45,20 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
+QUERY_BATCH = 64
+"""Budget queries in flight at once.
+
+Flower's in-memory SuperLink (simulation) scans every stored instruction for
+each node on each 0.1 s sweep, so 1,000 queries sent at once cost ~10^6
+checks per sweep and the query phase grows quadratically with the node
+count; batches keep it linear. A deployed SuperLink answers each node from
+an index, and 64 in flight keep every Ray actor or SuperNode busy.
+"""
+
+VERBOSE_NODES = 20
+"""Up to this many nodes, one log line per node's budget; above, one summary line."""
+
+
 def query_budgets(
     grid: Grid,
     node_ids: Iterable[int],
@@ -50,31 +66,69 @@ def query_budgets(
     profile: TrainingProfile,
     timeout: float,
     trim_vocab: bool = False,
+    batch: int = QUERY_BATCH,
 ) -> tuple[dict[int, NodeBudget], dict[int, str]]:
     """Send each node a ``QUERY`` message and check the budget it answers.
 
-    With ``trim_vocab`` the token ids a node reports are kept with its budget.
+    Queries go out ``batch`` at a time (:data:`QUERY_BATCH`); each batch
+    waits at most ``timeout`` seconds for its replies. With ``trim_vocab``
+    the token ids a node reports are kept with its budget.
 
     Returns
     -------
     (usable, skipped)
         Nodes with a budget some sub-network fits, and the reason each other
-        node is skipped (also logged, one line per node).
+        node is skipped (logged: one line per node up to
+        :data:`VERBOSE_NODES` nodes, else a count per reason).
     """
+    if batch < 1:
+        raise ValueError(f"query batch must be >= 1, got {batch!r}")
+    ordered = sorted(node_ids)
+    usable: dict[int, NodeBudget] = {}
+    skipped: dict[int, str] = {}
+    verbose = len(ordered) <= VERBOSE_NODES
+    for start in range(0, len(ordered), batch):
+        chunk = ordered[start : start + batch]
+        _query_batch(grid, chunk, layout, profile, timeout, trim_vocab, usable, skipped, verbose)
+        if not verbose:
+            log(INFO, "budget query: %d of %d nodes asked", start + len(chunk), len(ordered))
+    if not verbose and ordered:
+        tiers = Counter(str(info.budget) for info in usable.values())
+        log(
+            INFO,
+            "budgets of %d nodes: %s; %d skipped",
+            len(usable),
+            ", ".join(f"{n} x {b}" for b, n in sorted(tiers.items())) or "-",
+            len(skipped),
+        )
+        for reason, n in Counter(skipped.values()).most_common(4):
+            log(WARNING, "%d nodes skipped: %s", n, reason)
+    return usable, skipped
+
+
+def _query_batch(
+    grid: Grid,
+    node_ids: list[int],
+    layout: ModelLayout,
+    profile: TrainingProfile,
+    timeout: float,
+    trim_vocab: bool,
+    usable: dict[int, NodeBudget],
+    skipped: dict[int, str],
+    verbose: bool,
+) -> None:
     messages = [
         Message(
             RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 0})}),
             dst_node_id=n,
             message_type=MessageType.QUERY,
         )
-        for n in sorted(node_ids)
+        for n in node_ids
     ]
     if not messages:
-        return {}, {}
+        return
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    usable: dict[int, NodeBudget] = {}
-    skipped: dict[int, str] = {}
     for reply in replies:
         node_id = asked.pop(reply.metadata.reply_to_message_id, None)
         if node_id is None:
@@ -83,21 +137,24 @@ def query_budgets(
             usable[node_id] = info = parse_budget_reply(reply, node_id, layout, profile, trim_vocab)
         except Rejected as err:
             skipped[node_id] = err.reason
-            log(WARNING, "node %d skipped: %s", node_id, err.reason)
+            if verbose:
+                log(WARNING, "node %d skipped: %s", node_id, err.reason)
             continue
-        log(
-            INFO,
-            "node %d (partition %s): budget %s, up to %.2f of the parameters%s",
-            node_id,
-            info.partition_id,
-            info.budget,
-            info.max_fraction,
-            "" if info.vocab is None else f" with {len(info.vocab)} vocabulary rows",
-        )
+        if verbose:
+            log(
+                INFO,
+                "node %d (partition %s): budget %s%s, up to %.2f of the parameters%s",
+                node_id,
+                info.partition_id,
+                info.budget,
+                "" if info.baseline_mb is None else f" (process holds {info.baseline_mb:.0f} MB)",
+                info.max_fraction,
+                "" if info.vocab is None else f" with {len(info.vocab)} vocabulary rows",
+            )
     for node_id in asked.values():
         skipped[node_id] = f"no reply to the budget query within {timeout:.0f} s"
-        log(WARNING, "node %d skipped: %s", node_id, skipped[node_id])
-    return usable, skipped
+        if verbose:
+            log(WARNING, "node %d skipped: %s", node_id, skipped[node_id])
 
 
 def sample_nodes(
@@ -129,3 +186,31 @@ def spec_seed(seed: int, server_round: int, node: NodeBudget, stage: str) -> int
     return int(
         np.random.SeedSequence([seed, server_round, STAGES[stage], who]).generate_state(1)[0]
     )
+
+
+def note_baselines(nodes: dict[int, NodeBudget], replies: Iterable[Message]) -> None:
+    """Raise each node's baseline to the ``baseline-mb`` its train reply reports.
+
+    A process can hold more than it did at the budget query (a Ray actor
+    keeps what earlier nodes and rounds left behind), and the later rounds
+    fit the node's sub-model to the largest baseline it has reported.
+    ``replies`` are accepted train replies (their metrics checked finite).
+    """
+    for reply in replies:
+        node = nodes.get(reply.metadata.src_node_id)
+        reported = reply.content.metric_records[METRICS].get(BASELINE_MB)
+        if node is None or not isinstance(reported, int | float) or reported < 0:
+            continue
+        if node.baseline_mb is None or reported > node.baseline_mb:
+            nodes[node.node_id] = dataclasses.replace(node, baseline_mb=float(reported))
+            if node.budget.kind == "memory-mb":
+                log(
+                    INFO,
+                    "node %d: its process holds %.0f MB besides a step (%s, was %s); "
+                    "later rounds fit its %s to that",
+                    node.node_id,
+                    reported,
+                    BASELINE_MB,
+                    "none" if node.baseline_mb is None else f"{node.baseline_mb:.0f} MB",
+                    node.budget,
+                )

@@ -23,6 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 from raffm_core.task.config import RunConfig  # noqa: E402
 from raffm_core.task.keys import NUM_EXAMPLES  # noqa: E402
 
+from .memory import PLOT as MEMORY_PLOT  # noqa: E402
+from .memory import memory_rows, plot_memory_budget  # noqa: E402
 from .records import RoundLog  # noqa: E402
 
 SUMMARY = "summary.json"
@@ -123,6 +125,7 @@ def summarize(
         "clients-excluded": len({n for e in history.values() for n in e.excluded}),
         "client-rounds-excluded": sum(len(e.excluded) for e in history.values()),
         "mean-client-params-fraction": _mean([c.params_fraction for c in clients]),
+        "client-rounds-over-memory-budget": sum(r.over_budget for r in memory_rows(history)),
         "mean-bytes-per-client-round": mean_bytes,
         "full-model-bytes": full_model_bytes,
         "full-model-bytes-per-client-round": 2 * full_model_bytes,
@@ -154,6 +157,9 @@ def write_outputs(
     plot_metric(central, primary, out / "accuracy.png")
     plot_bytes(history, full_model_bytes, out / "bytes-per-client.png")
     plot_submodel_sizes(history, out / "submodel-sizes.png")
+    memory = memory_rows(history)
+    if memory:
+        plot_memory_budget(memory, out / MEMORY_PLOT)
     return summary
 
 

@@ -38,7 +38,7 @@ class ProgressGrid:
         Seconds between two pulls (Flower's own Grid waits 3 s).
     """
 
-    def __init__(self, grid: Grid, poll_s: float = 1.0) -> None:
+    def __init__(self, grid: Grid, poll_s: float = 0.25) -> None:
         self._grid = grid
         self._poll_s = poll_s
 

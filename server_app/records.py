@@ -31,6 +31,10 @@ class NodeBudget:
     vocab : tuple of int or None
         The token ids of the node's data, if it reported them: the only
         token-embedding rows its sub-models need (``vocab-trim``).
+    baseline_mb : float or None
+        The RSS, in MB, the node's process holds besides a training step, if
+        it reported it (``baseline-mb``): the largest of what it reported
+        with its budget and in its train replies so far.
     """
 
     node_id: int
@@ -38,6 +42,7 @@ class NodeBudget:
     partition_id: int | None
     max_fraction: float
     vocab: tuple[int, ...] | None = None
+    baseline_mb: float | None = None
 
 
 _CLIENT_FIELDS = frozenset(
@@ -55,6 +60,8 @@ _CLIENT_FIELDS = frozenset(
         "bytes-up",
         "status",
         "reason",
+        "fit-baseline-mb",
+        "predicted-mb",
     }
 )
 """Keys of a client entry of ``rounds.json`` that are not reply metrics."""
@@ -62,7 +69,13 @@ _CLIENT_FIELDS = frozenset(
 
 @dataclass
 class ClientRound:
-    """One node's part in one round: what it was sent and what became of its reply."""
+    """One node's part in one round: what it was sent and what became of its reply.
+
+    ``fit_baseline_mb`` is the node's baseline the spec was fitted with (None:
+    none reported) and ``predicted_mb`` the memory model's peak RSS of the
+    node's process for that spec; the node's ``baseline-mb`` and
+    ``peak-memory-mb`` of this round are among the reply ``metrics``.
+    """
 
     node_id: int
     partition_id: int | None
@@ -75,6 +88,8 @@ class ClientRound:
     status: str = "sent"  # then "accepted" or "rejected"
     reason: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    fit_baseline_mb: float | None = None
+    predicted_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """As ``rounds.json`` and the checkpoint hold it (:meth:`from_dict` inverts it).
@@ -100,6 +115,8 @@ class ClientRound:
             "bytes-up": self.bytes_up,
             "status": self.status,
             "reason": self.reason,
+            "fit-baseline-mb": self.fit_baseline_mb,
+            "predicted-mb": self.predicted_mb,
             **self.metrics,
         }
 
@@ -118,6 +135,8 @@ class ClientRound:
             status=data["status"],
             reason=data["reason"],
             metrics={k: v for k, v in data.items() if k not in _CLIENT_FIELDS},
+            fit_baseline_mb=data.get("fit-baseline-mb"),  # absent before issue 12
+            predicted_mb=data.get("predicted-mb"),
         )
 
 

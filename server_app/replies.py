@@ -33,6 +33,7 @@ from raffm_core import (
 )
 from raffm_core.task.keys import (
     ARRAYS,
+    BASELINE_MB,
     BUDGET,
     CONFIG,
     METRICS,
@@ -70,7 +71,10 @@ def parse_budget_reply(
     """The node's budget, if it is valid and some sub-network fits it.
 
     With ``trim_vocab`` the node's reported token ids (``vocab``) are kept
-    and count towards what fits.
+    and count towards what fits. A ``memory-mb`` budget bounds the node's
+    whole process: the RSS it reports holding besides a step
+    (``baseline-mb``) is kept out of what the step may use
+    (:meth:`~raffm_core.TrainingProfile.with_baseline`).
     """
     if reply.has_error():
         raise Rejected(f"budget query failed: {one_line(reply.error.reason)}")
@@ -78,17 +82,57 @@ def parse_budget_reply(
     if record is None or not isinstance(record.get(BUDGET), str):
         raise Rejected(f"the query reply has no string {BUDGET!r} in {CONFIG!r}")
     vocab = parse_vocab(record.get(VOCAB), layout) if trim_vocab else None
+    baseline = parse_baseline(record.get(BASELINE_MB))
     try:
         budget = Budget.parse(record[BUDGET])
-        spec = select_subnet(layout, budget, "largest", profile=profile, vocab=vocab)
     except BudgetError as err:
         raise Rejected(f"budget {record[BUDGET]!r}: {err}") from None
+    spec = fit_budget(layout, budget, profile, baseline, vocab)
     partition = record.get(PARTITION_ID)
     partition = (
         partition if isinstance(partition, int) and not isinstance(partition, bool) else None
     )
     fraction = layout.count_params(spec) / layout.total_params
-    return NodeBudget(node_id, budget, partition, fraction, vocab)
+    return NodeBudget(node_id, budget, partition, fraction, vocab, baseline)
+
+
+def parse_baseline(value: object) -> float | None:
+    """A reported ``baseline-mb``: a finite number of MB >= 0, or None if absent."""
+    if value is None:
+        return None
+    if not _finite_number(value) or value < 0:
+        raise Rejected(f"{BASELINE_MB!r} is {value!r}, expected a finite number of MB >= 0")
+    return float(value)
+
+
+def fit_budget(
+    layout: ModelLayout,
+    budget: Budget,
+    profile: TrainingProfile,
+    baseline_mb: float | None,
+    vocab: tuple[int, ...] | None = None,
+) -> SubnetSpec:
+    """The largest uniform spec within ``budget`` for a process holding ``baseline_mb``.
+
+    Raises :class:`Rejected` naming the budget (and the baseline) when none fits.
+    """
+    if budget.kind == "memory-mb" and baseline_mb is not None and baseline_mb >= budget.value:
+        raise Rejected(
+            f"budget {budget}: the node's process already holds {baseline_mb:,.0f} MB "
+            f"({BASELINE_MB}) before any training step, not below the budget's "
+            f"{budget.value:,.0f} MB"
+        )
+    try:
+        return select_subnet(
+            layout, budget, "largest", profile=profile.with_baseline(baseline_mb), vocab=vocab
+        )
+    except BudgetError as err:
+        held = (
+            f" (with the {baseline_mb:,.0f} MB the node's process holds, {BASELINE_MB})"
+            if budget.kind == "memory-mb" and baseline_mb is not None
+            else ""
+        )
+        raise Rejected(f"{err}{held}") from None  # the error names the budget
 
 
 def parse_vocab(value: object, layout: ModelLayout) -> tuple[int, ...] | None:

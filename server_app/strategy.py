@@ -31,7 +31,7 @@ from raffm_core.task.keys import BASE_CONFIG, NUM_EXAMPLES, PROXIMAL_MU, SERVER_
 from .evaluation import FederatedEvaluation
 from .instructions import build_instruction
 from .loop import RunLoop
-from .nodes import sample_nodes, spec_seed
+from .nodes import note_baselines, sample_nodes, spec_seed
 from .records import NodeBudget, Pending, RoundLog, Sent, State
 from .replies import cap_examples, check_train_reply, match_replies
 
@@ -67,7 +67,12 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
       ``"partition-id"``, which makes node sampling reproducible across runs,
       and, for ``trim_vocab``, ``"vocab"``: every token id of the node's
       data as inclusive runs (``"0-3,17,101-102"``). A sub-model then takes
-      only those ids (:class:`raffm_core.vocab.TrimmedEmbedding`).
+      only those ids (:class:`raffm_core.vocab.TrimmedEmbedding`). With a
+      ``memory-mb`` budget, which bounds the node's whole process, also
+      ``"baseline-mb"``: the RSS (MB) the process holds besides a training
+      step, with its data and tokenizer loaded. The step is fitted into the
+      budget minus that (:meth:`node_profile`); without it the server
+      assumes a fresh process holding only torch and transformers.
     * **Train.** The instruction carries an ``ArrayRecord`` ``"arrays"`` (the
       sub-model's weights) and a ``ConfigRecord`` ``"config"`` with
       ``"spec"`` (``SubnetSpec.to_json()``), ``"base-config"`` (the full
@@ -80,7 +85,11 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
       shapes and dtypes**, and a ``MetricRecord`` ``"metrics"`` with the
       finite numbers ``"num-examples"`` (a positive int: local training
       examples, not batches), ``"train-loss"``, ``"train-time-s"``,
-      ``"train-steps"`` and ``"peak-memory-mb"``. With ``"proximal-mu"``
+      ``"train-steps"`` and ``"peak-memory-mb"`` (the peak RSS of the whole
+      process while it served the instruction), and optionally
+      ``"baseline-mb"`` (what the process held besides the received
+      sub-model; a larger one than before shrinks the node's later
+      sub-models). With ``"proximal-mu"``
       :math:`\mu > 0` the client **must** add FedProx's proximal term
       :math:`\frac{\mu}{2} \| w - w^t \|^2` to its loss, where :math:`w^t`
       is the sub-model as received.
@@ -110,7 +119,8 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
     proximal_mu : float
         FedProx's :math:`\mu`, sent to clients.
     profile : TrainingProfile, optional
-        The training step ``memory-mb`` budgets are checked against.
+        The training step ``memory-mb`` budgets are checked against, for a
+        fresh process; each node's reported baseline is added per node.
     seed : int
         Seeds node sampling and ``sample``-mode spec draws, never global RNGs.
     query_timeout : float
@@ -304,6 +314,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
                 self.min_replies,
             )
             return None, None
+        note_baselines(self.nodes, [reply for _, reply in accepted])
         updates = [update for update, _ in accepted]
         fused, coverage = aggregate_with_coverage(pending.state, updates, self.layout)
         # The optimizer's moments follow the model only once the round is kept.
@@ -340,12 +351,20 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
             node.budget,
             self.selection_mode,
             seed=spec_seed(self.seed, server_round, node, stage),
-            profile=self.profile,
+            profile=self.node_profile(node),
             vocab=node.vocab,
         )
         if not self.rolling_tail:
             return widths
         return rolling_tail_spec(self.layout, widths, server_round, self.rolling_tail)
+
+    def node_profile(self, node: NodeBudget) -> TrainingProfile:
+        """The training step ``node``'s ``memory-mb`` budget is checked against.
+
+        :attr:`profile` for a process that holds the node's reported
+        ``baseline-mb`` besides the step (unchanged if it reported none).
+        """
+        return self.profile.with_baseline(node.baseline_mb)
 
     # -------------------------------------------------------------- helpers
     def _weigh(self, update: Update, spec: SubnetSpec) -> Update:
@@ -375,4 +394,8 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         spec = self.place_spec(spec)
         extra = {SERVER_ROUND: server_round, BASE_CONFIG: self.base_config}
         extra[PROXIMAL_MU] = float(self.proximal_mu)
-        return build_instruction(node, spec, state, self.layout, config, extra, kind)
+        sent = build_instruction(node, spec, state, self.layout, config, extra, kind)
+        sent.client.fit_baseline_mb = node.baseline_mb
+        plain = dataclasses.replace(self.node_profile(node), margin=0.0)  # the estimate itself
+        sent.client.predicted_mb = plain.memory_mb(self.layout, spec)
+        return sent

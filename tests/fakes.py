@@ -28,6 +28,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from raffm_core import base_config, describe
 from raffm_core.task.keys import (
     ARRAYS,
+    BASELINE_MB,
     BUDGET,
     CONFIG,
     METRICS,
@@ -83,13 +84,19 @@ def task_identity(run_id: int = 7, node_id: int = 0, task_id: int = 1) -> Iterat
 
 
 def train_reply(
-    instruction: Message, kind: str = "good", *, delta: float = 0.01, num_examples: int = 10
+    instruction: Message,
+    kind: str = "good",
+    *,
+    delta: float = 0.01,
+    num_examples: int = 10,
+    baseline_mb: float | None = None,
 ) -> Message | None:
     """A ClientApp's reply to a train ``instruction``, correct or broken in one way.
 
     A good reply adds ``delta`` to every float the node received (a stand-in
-    for training, easy to trace through aggregation) and reports
-    ``num_examples``. ``timeout`` stands for a reply that never comes (None).
+    for training, easy to trace through aggregation), reports
+    ``num_examples`` and, if given, ``baseline_mb`` as ``baseline-mb``.
+    ``timeout`` stands for a reply that never comes (None).
     """
     if kind not in REPLY_KINDS:
         raise ValueError(f"unknown reply kind {kind!r}; expected one of {REPLY_KINDS}")
@@ -117,6 +124,8 @@ def train_reply(
         TRAIN_STEPS: 3,
         PEAK_MEMORY_MB: 512.0,
     }
+    if baseline_mb is not None:
+        metrics[BASELINE_MB] = baseline_mb
     some_key = next(k for k, v in state.items() if v.dim() == 2)
     if kind == "wrong-shape":
         state[some_key] = state[some_key][:-1]
@@ -144,11 +153,15 @@ def train_reply(
     return Message(content, reply_to=instruction)
 
 
-def budget_reply(instruction: Message, budget: str, partition_id: int | None = None) -> Message:
-    """A ClientApp's answer to the budget query."""
+def budget_reply(
+    instruction: Message, budget: str, partition_id: int | None = None, baseline_mb: Any = None
+) -> Message:
+    """A ClientApp's answer to the budget query (``baseline_mb``: its ``baseline-mb``, if any)."""
     record = ConfigRecord({BUDGET: budget})
     if partition_id is not None:
         record[PARTITION_ID] = partition_id
+    if baseline_mb is not None:
+        record[BASELINE_MB] = baseline_mb
     return Message(RecordDict({CONFIG: record}), reply_to=instruction)
 
 
@@ -160,25 +173,28 @@ def evaluate_reply(instruction: Message, accuracy: float, num_examples: int) -> 
 
 
 def respond_with(
-    kinds: Mapping[int, str] | None = None, budgets: Mapping[int, tuple[str, int]] | None = None
+    kinds: Mapping[int, str] | None = None,
+    budgets: Mapping[int, tuple[Any, ...]] | None = None,
+    train_baselines: Mapping[int, float] | None = None,
 ) -> Callable[[Message], Message | None]:
     """A :class:`FakeGrid` responder playing the scenario, with some nodes' replies broken.
 
     Budget queries are answered from ``budgets`` (default :data:`NODES`):
-    node id -> (budget, partition id). A train instruction to node ``n`` gets
-    ``train_reply(..., kinds.get(n, "good"))`` with ``DELTAS[n]`` and
-    ``WEIGHTS[n]``; an evaluate instruction gets accuracy ``n / 1000``
-    over ``WEIGHTS[n]`` examples. Nodes outside the tables train by 1.0 and
+    node id -> (budget, partition id) or (budget, partition id, baseline-mb).
+    A train instruction to node ``n`` gets ``train_reply(..., kinds.get(n,
+    "good"))`` with ``DELTAS[n]``, ``WEIGHTS[n]`` and ``train_baselines[n]``
+    (if any); an evaluate instruction gets accuracy ``n / 1000`` over
+    ``WEIGHTS[n]`` examples. Nodes outside the tables train by 1.0 and
     report 20 examples.
     """
     kinds = kinds or {}
     budgets = budgets or NODES
+    train_baselines = train_baselines or {}
 
     def respond(message: Message) -> Message | None:
         node = message.metadata.dst_node_id
         if message.metadata.message_type == MessageType.QUERY:
-            budget, partition = budgets[node]
-            return budget_reply(message, budget, partition)
+            return budget_reply(message, *budgets[node])
         if message.metadata.message_type == MessageType.EVALUATE:
             return evaluate_reply(message, accuracy=node / 1000, num_examples=WEIGHTS.get(node, 20))
         return train_reply(
@@ -186,6 +202,7 @@ def respond_with(
             kinds.get(node, "good"),
             delta=DELTAS.get(node, 1.0),
             num_examples=WEIGHTS.get(node, 20),
+            baseline_mb=train_baselines.get(node),
         )
 
     return respond

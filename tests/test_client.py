@@ -7,15 +7,17 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client_app.app import build_client_app
-from client_app.training import InstructionError, TrainSettings
+from client_app.training import InstructionError, TrainSettings, resident_mb
 from raffm_core import Budget, base_config, describe, prioritize_state, select_subnet
 from raffm_core.task.keys import (
     ARRAYS,
+    BASELINE_MB,
     BUDGET,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
+    PEAK_MEMORY_MB,
     TRAIN_REPLY_METRICS,
 )
 from server_app.instructions import build_instruction
@@ -166,3 +168,50 @@ def test_bad_settings_are_errors(config, message):
         TrainSettings.from_config(
             {**TRAIN_CONFIG, "server-round": 1, "proximal-mu": 0.0, **config}, 0
         )
+
+
+# ------------------------------------------------ memory: what the process holds (issue 12)
+
+
+def query(app, ctx: Context) -> ConfigRecord:
+    message = Message(RecordDict({CONFIG: ConfigRecord({})}), dst_node_id=5, message_type="query")
+    message.metadata.__dict__["_message_id"] = "q2"
+    return app(message, ctx).content[CONFIG]
+
+
+def test_a_memory_budget_comes_with_the_rss_the_process_holds(setup):
+    app, _ = setup
+    reply = query(app, context(budget="memory-mb=1500"))
+    after = resident_mb()
+    assert reply[BUDGET] == "memory-mb=1500"
+    # the whole process (pytest, torch, the node's data), not an increment
+    assert 0.9 * after <= reply[BASELINE_MB] <= after + 1
+    assert BASELINE_MB not in query(app, context(budget="params=0.6"))  # irrelevant to params
+
+
+def test_the_baseline_is_measured_after_releasing_what_earlier_messages_freed(setup, monkeypatch):
+    """A Ray actor's heap still maps the previous node's step until it is trimmed."""
+    app, _ = setup
+    released = []
+    monkeypatch.setattr("client_app.app.release_memory", lambda: released.append(True))
+    monkeypatch.setattr("client_app.app.resident_mb", lambda: 700.0 if released else 1900.0)
+    assert query(app, context(budget="memory-mb=1500"))[BASELINE_MB] == 700.0
+
+
+def test_the_peak_covers_the_whole_instruction_not_only_the_steps(setup, monkeypatch):
+    """A transient 256 MB while the sub-model is built must show in peak-memory-mb."""
+    app, model = setup
+    import client_app.app as client_module
+
+    build = client_module.build_submodel
+
+    def build_with_a_transient(*args, **kwargs):
+        transient = torch.ones(64 * 2**20)  # 256 MB, written, then freed
+        del transient
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "build_submodel", build_with_a_transient)
+    metrics = app(instruction(model, "params=0.6", **{"local-steps": 1}), context()).content[
+        METRICS
+    ]
+    assert metrics[PEAK_MEMORY_MB] >= metrics[BASELINE_MB] + 250

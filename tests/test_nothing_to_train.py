@@ -83,9 +83,9 @@ def client_grid(cfg: RunConfig, node_budget: str | None = None, train_fails=Fals
         (
             {},
             {"node_budget": "params=0.01"},
-            # Under vocab-trim each node's minimum counts its own rows: reasons may differ.
-            r"no node can train: all 3 nodes were skipped \([1-3] x budget 'params=0.01': "
-            "budget params=0.01 is below the smallest sub-network",
+            # each node's vocabulary sets its own minimum, so the count before "x" varies
+            r"no node can train: all 3 nodes were skipped \([0-9] x budget params=0.01 is "
+            "below the smallest sub-network",
         ),
         ({}, {"train_fails": True}, "no node trained in any of the 2 rounds: 6 replies, none"),
     ],

@@ -143,6 +143,7 @@ class RunConfig:
     salience_norm: str = L1
     width_weight_power: float = 0.0
     vocab_trim: bool = True
+    memory_margin: float = 0.25
     # server update
     server_update: str = FEDAVG_UPDATE
     proximal_mu: float = 0.0
@@ -227,7 +228,7 @@ class RunConfig:
         self._check_range("nested_dropout", 0.0 <= self.nested_dropout < 1.0, "in [0, 1)")
         for name in ("lr", "local_epochs", "dirichlet_alpha", "round_timeout_s", "query_timeout_s"):
             self._check_range(name, getattr(self, name) > 0, "> 0")
-        for name in ("proximal_mu", "weight_decay", "width_weight_power"):
+        for name in ("proximal_mu", "weight_decay", "width_weight_power", "memory_margin"):
             self._check_range(name, getattr(self, name) >= 0, ">= 0")
         if self.proximal_mu > 0 and self.server_update != FEDPROX:
             raise ConfigError(

@@ -38,6 +38,7 @@ LORA_TARGET_MODULES = "lora-target-modules"  # comma-separated, resolved by the 
 # --- Budget query: the reply's ConfigRecord; BUDGET is also a node-config key
 BUDGET = "budget"
 VOCAB = "vocab"  # query reply: the token ids of the node's data, as runs ("0-3,17")
+BASELINE_MB = "baseline-mb"  # query reply (memory-mb budgets) and train reply metric: see below
 PARTITION_ID = "partition-id"  # Flower's own node-config key in simulation
 NUM_PARTITIONS = "num-partitions"  # likewise
 
@@ -46,7 +47,9 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_TIME_S = "train-time-s"
 TRAIN_STEPS = "train-steps"
-PEAK_MEMORY_MB = "peak-memory-mb"
+PEAK_MEMORY_MB = "peak-memory-mb"  # the process's peak RSS while it served the instruction
+# BASELINE_MB, in a train reply: the RSS the process held besides the received
+# sub-model before training (its libraries, data, tokenizer, earlier work).
 LOSS = "loss"
 ACCURACY = "accuracy"
 F1 = "f1"

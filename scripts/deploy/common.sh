@@ -24,6 +24,9 @@ mkdir -p "$FLWR_HOME" "$PIDS" "$LOGS"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
+# A SuperNode's SuperExec looks for a new task (one ClientApp process per message) every
+# this many seconds; Flower's default is 1 s (docs/scale.md, "one process per message").
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"
 
 say() { echo "[deploy] $*" >&2; }
 

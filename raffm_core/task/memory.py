@@ -1,0 +1,59 @@
+"""Give memory back to the system between messages and rounds.
+
+A Ray actor serves hundreds of virtual nodes in turn, each message building
+and dropping a sub-model of another width and its optimizer state; the
+server builds and drops a prioritized copy of the global model and one
+sub-model per node every round. Python frees those tensors, but glibc keeps
+the freed pages in its heaps (one arena per thread that ever allocated), so
+RSS climbs from round to round although nothing is alive.
+``malloc_trim(0)`` hands the free pages of every arena back; a
+``gc.collect()`` first frees what only reference cycles held (transformers
+modules hold some). The ClientApp calls :func:`release_memory` after each
+train and evaluate reply, the ServerApp after each round.
+
+``RAFFM_MALLOC_TRIM=0`` in the environment turns this off, to measure its
+effect (``scripts/bench_scale.py --soak --no-trim``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+from collections.abc import Callable
+from functools import lru_cache
+
+TRIM_ENV = "RAFFM_MALLOC_TRIM"
+"""Environment variable: ``0`` keeps freed memory in the allocator (no trim)."""
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` on a C library without it (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> bool:
+    """Collect reference cycles and return free heap pages to the system.
+
+    Returns
+    -------
+    bool
+        Whether pages were trimmed (``False`` when turned off by
+        ``RAFFM_MALLOC_TRIM=0`` or where glibc's ``malloc_trim`` is missing).
+    """
+    if os.environ.get(TRIM_ENV, "1") == "0":
+        return False
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
