@@ -211,8 +211,9 @@ def release_memory() -> None:
     """Give the memory freed by earlier work back to the operating system.
 
     glibc keeps freed heap memory mapped: after a training step its
-    activations and optimizer state stay in the RSS (1.3 GB after two
-    MiniLM steps at 16 x 256 tokens, 0.42 GB after ``malloc_trim``). A Ray
+    activations and optimizer state stay in the RSS (1.3 GB after two steps
+    of a 6-head MiniLM sub-model at 16 x 256 tokens, 0.42 GB after
+    ``malloc_trim``). A Ray
     actor serving many virtual nodes in turn would start each one holding
     the previous node's peak. Without glibc only garbage is collected.
     """
