@@ -9,6 +9,7 @@ the sub-model's arrays. It never loads or materializes the full model; from
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ from raffm_core.task.keys import (
     BATCH_SIZE,
     BUDGET,
     CONFIG,
+    HANDLER_TIME_S,
     MAX_LENGTH,
     METRICS,
     NUM_EXAMPLES,
@@ -159,6 +161,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """Fine-tune the received sub-model; reply with exactly the received keys."""
+        started = time.perf_counter()
         release_memory()  # what earlier messages left is not this instruction's
         # The peak covers the whole instruction: loading, training and the reply's copy.
         with peak_memory() as memory:
@@ -176,6 +179,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 TRAIN_STEPS: result.steps,
                 PEAK_MEMORY_MB: memory["peak-mb"],
                 BASELINE_MB: job.baseline_mb,
+                HANDLER_TIME_S: time.perf_counter() - started,
             }
         )
         return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)

@@ -168,14 +168,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     rounds = [r for r in json.loads((out / "rounds.json").read_text()) if r["round"] > 0]
     per_round = []
     for r in rounds:
-        train = [c.get("train-time-s", 0.0) for c in r["clients"] if c["status"] == "accepted"]
+        accepted = [c for c in r["clients"] if c["status"] == "accepted"]
         per_round.append(
             {
                 "round": r["round"],
                 "wall-s": r["wall-time-s"],
+                "phases-s": r.get("phases-s", {}),
                 "clients": len(r["clients"]),
-                "accepted": len(train),
-                "train-sum-s": sum(train),
+                "accepted": len(accepted),
+                "train-sum-s": sum(c.get("train-time-s", 0.0) for c in accepted),
+                "handler-sum-s": sum(c.get("handler-time-s", 0.0) for c in accepted),
             }
         )
     return {
@@ -263,21 +265,53 @@ def _rss_line(row: dict[str, Any]) -> str:
     return f"  after round {row['round']:>3}: server {row['server-mb']:.0f} MB, actors {actors} MB"
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def cycle_times(rss: list[dict[str, Any]]) -> dict[int, float]:
+    """Round ``r`` -> seconds from the end of round ``r - 1`` to the end of round ``r``.
+
+    Unlike ``wall-time-s`` this includes what happens between two rounds (the
+    checkpoint, ``rounds.json``, the memory release after a round).
+    """
+    ends = {row["round"]: row["t"] for row in rss}
+    return {r: ends[r] - ends[r - 1] for r in sorted(ends) if r - 1 in ends}
+
+
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Per setting: round figures are means over rounds 2.. (round 1 warms up)."""
     rounds = result["rounds"]
     steady = rounds[1:] or rounds
-    wall = sum(r["wall-s"] for r in steady) / len(steady)
-    train = sum(r["train-sum-s"] for r in steady) / len(steady)
-    outside = max(0.0, wall - train / result["actors"])
+    actors = result["actors"]
+    cycles = cycle_times(result["rss"])
+    wall = _mean([r["wall-s"] for r in steady])
+    cycle = _mean([cycles[r["round"]] for r in steady if r["round"] in cycles]) or wall
+    train = _mean([r["train-sum-s"] for r in steady])
+    handler = _mean([r["handler-sum-s"] for r in steady])
+    phases = (
+        {key: _mean([r["phases-s"].get(key, 0.0) for r in steady]) for key in steady[0]["phases-s"]}
+        if steady and steady[0]["phases-s"]
+        else {}
+    )
+    outside = max(0.0, cycle - train / actors)
     last = result["rss"][-1] if result["rss"] else {"actors-mb": []}
+    # Where the time outside client training goes, in seconds of the round.
+    parts = {name.removesuffix("-s"): value for name, value in phases.items()}
+    if "train-wait" in parts:
+        parts["train-wait"] -= handler / actors  # what is left: Flower, Ray, idle actors
+        parts["flower+ray"] = parts.pop("train-wait")
+    parts["client rebuild+reply"] = (handler - train) / actors
+    parts["between rounds"] = cycle - wall
     return {
         "nodes": result["nodes"],
         "wait-s": result.get("wait-s", float("nan")),
         "query-s": result.get("query-s", float("nan")),
         "round1-s": rounds[0]["wall-s"] if rounds else float("nan"),
-        "round-s": wall,
+        "round-s": cycle,
         "train-sum-s": train,
-        "outside-share": outside / wall if wall else float("nan"),
+        "outside-share": outside / cycle if cycle else float("nan"),
+        "outside-parts-s": parts,
         "server-peak-mb": result["server-peak-mb"],
         "actors-mb": last["actors-mb"],
         "rounds-json-kb": result["rounds-json-bytes"] / 1024,
@@ -285,7 +319,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_scale(rows: list[dict[str, Any]], actors: int) -> None:
-    print(f"\nper setting (round figures: mean of rounds 2..; {actors} Ray actors):")
+    print(
+        f"\nper setting (round s: end of one round to the end of the next, mean of rounds 2..; "
+        f"{actors} Ray actors):"
+    )
     print(
         "| nodes | wait s | query s | round 1 s | round s | client train sum s | "
         "outside share | server peak RSS MB | actors RSS MB | rounds.json KB |"
@@ -298,6 +335,10 @@ def print_scale(rows: list[dict[str, Any]], actors: int) -> None:
             f"{r['round-s']:.1f} | {r['train-sum-s']:.1f} | {r['outside-share']:.0%} | "
             f"{r['server-peak-mb']:.0f} | {actors_mb} | {r['rounds-json-kb']:.0f} |"
         )
+    print("\ntime outside client training, seconds per round (largest first):")
+    for r in rows:
+        parts = sorted(r["outside-parts-s"].items(), key=lambda kv: -kv[1])
+        print(f"  {r['nodes']} nodes: " + ", ".join(f"{k} {v:.2f}" for k, v in parts))
     if len(rows) > 1:
         small, big = rows[0], rows[-1]
         print(
@@ -378,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-trim", action="store_true", help="RAFFM_MALLOC_TRIM=0 in the run")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-scale")
     parser.add_argument("--plot", nargs="+", help="soak.csv[:label] files: plot to --out/soak.png")
+    parser.add_argument("--fresh", action="store_true", help="rerun settings already on disk")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.plot:
@@ -403,10 +445,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for n in nodes:
-        print(f"{n} nodes ...", flush=True)
-        result = run_child(build_job(args, n, args.out), args.no_trim, echo=False)
+        saved = args.out / f"nodes-{n}" / "bench.json"
+        if saved.exists() and not args.fresh:
+            print(f"{n} nodes: reusing {saved} (--fresh reruns)", flush=True)
+            result = json.loads(saved.read_text())
+        else:
+            print(f"{n} nodes ...", flush=True)
+            result = run_child(build_job(args, n, args.out), args.no_trim, echo=False)
+            saved.write_text(json.dumps(result, indent=1))
         rows.append(summarize(result))
-        (args.out / f"nodes-{n}" / "bench.json").write_text(json.dumps(result, indent=1))
     print_scale(rows, args.actors)
     return 0
 

@@ -98,8 +98,13 @@ class RunLoop:
         """
 
         def evaluate_and_report(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            entry = self.history.get(server_round)
+            if entry is not None:
+                entry.lap("evaluate-wait-s")
             metrics = evaluate_fn(server_round, arrays) if evaluate_fn else None
-            log_progress(self.history.get(server_round), server_round, self.num_rounds, metrics)
+            if entry is not None:
+                entry.lap("central-evaluate-s")
+            log_progress(entry, server_round, self.num_rounds, metrics)
             if on_round_end is not None:
                 on_round_end(server_round, arrays, metrics)
             release_memory()  # the round's prioritized copy and sub-models are garbage now

@@ -175,6 +175,18 @@ class RoundLog:
     train_metrics: dict[str, Any] = field(default_factory=dict)
     evaluate_metrics: dict[str, Any] = field(default_factory=dict)
     excluded: dict[int, str] = field(default_factory=dict)  # node id -> why it was left out
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds of the round by phase, in order (:meth:`lap`): ``configure-s`` (prioritize,
+    extract, serialize), ``train-wait-s`` (until every train reply is in or the timeout),
+    ``aggregate-s`` (validate, fuse), ``evaluate-wait-s`` (federated evaluation, if any),
+    ``central-evaluate-s``."""
+    _lap_at: float | None = field(default=None, repr=False, compare=False)
+
+    def lap(self, phase: str) -> None:
+        """Record the seconds since the previous lap (or ``started``) as ``phase``."""
+        now = time.monotonic()
+        self.phases[phase] = now - (self.started if self._lap_at is None else self._lap_at)
+        self._lap_at = now
 
     @property
     def num_accepted(self) -> int:
@@ -189,6 +201,7 @@ class RoundLog:
             "clients-excluded": [{"node": n, "reason": r} for n, r in self.excluded.items()],
             "kept-previous-model": self.kept_previous,
             "wall-time-s": self.wall_time_s,
+            "phases-s": self.phases,
             "train-metrics": self.train_metrics,
             "federated-evaluation": self.evaluate_metrics,
             "clients": [c.to_dict() for c in self.clients],
@@ -206,6 +219,7 @@ class RoundLog:
             train_metrics=dict(data["train-metrics"]),
             evaluate_metrics=dict(data["federated-evaluation"]),
             excluded={int(e["node"]): e["reason"] for e in data["clients-excluded"]},
+            phases=dict(data.get("phases-s", {})),  # absent from checkpoints before it existed
         )
 
 

@@ -262,9 +262,9 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
             if sent is not None:
                 pending.sent.append(sent)
         self._pending = pending
-        self.history[server_round] = RoundLog(
-            server_round, started, [s.client for s in pending.sent], excluded=excluded
-        )
+        entry = RoundLog(server_round, started, [s.client for s in pending.sent], excluded=excluded)
+        entry.lap("configure-s")
+        self.history[server_round] = entry
         log(
             INFO,
             "configure_train: %d of %d eligible nodes, sub-models of %s params",
@@ -287,6 +287,15 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train")
         self._pending = None
         entry = self.history[server_round]
+        entry.lap("train-wait-s")
+        try:
+            return self._fuse(server_round, pending, entry, replies)
+        finally:
+            entry.lap("aggregate-s")
+
+    def _fuse(
+        self, server_round: int, pending: Pending, entry: RoundLog, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = match_replies(
             replies,
             pending.sent,

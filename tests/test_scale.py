@@ -146,3 +146,25 @@ def test_release_memory_trims_unless_turned_off(monkeypatch):
     assert memory.release_memory() is (memory._malloc_trim() is not None)
     if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
         assert memory._malloc_trim() is not None
+
+
+def test_release_memory_freezes_survivors_and_still_collects_new_cycles():
+    """After the first call the survivors are frozen; cycles made later are still freed."""
+    import gc
+    import weakref
+
+    from raffm_core.task import memory
+
+    class Node:
+        pass
+
+    memory.release_memory()
+    assert gc.get_freeze_count() > 0
+    frozen = gc.get_freeze_count()
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: refcounting alone never frees it
+    gone = weakref.ref(a)
+    del a, b
+    memory.release_memory()
+    assert gone() is None
+    assert gc.get_freeze_count() == frozen  # frozen once, not at every call

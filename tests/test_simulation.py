@@ -83,6 +83,19 @@ def test_metrics_and_outputs_are_present(run_dir):
         assert {"accuracy", "f1", "loss"} <= set(row)
     for row in rounds[1:]:
         assert {"accuracy", "loss"} <= set(row["federated-evaluation"])
+        # The phases partition the round: in order, each non-negative, summing to its wall time.
+        phases = row["phases-s"]
+        assert list(phases) == [
+            "configure-s",
+            "train-wait-s",
+            "aggregate-s",
+            "evaluate-wait-s",
+            "central-evaluate-s",
+        ]
+        assert all(v >= 0 for v in phases.values())
+        assert sum(phases.values()) == pytest.approx(row["wall-time-s"], abs=0.05)
+        # Every handler ran inside the wait for train replies.
+        assert phases["train-wait-s"] >= max(c["handler-time-s"] for c in row["clients"])
         for client in row["clients"]:
             for key in (
                 "node",
@@ -92,6 +105,7 @@ def test_metrics_and_outputs_are_present(run_dir):
                 "bytes-down",
                 "bytes-up",
                 "train-time-s",
+                "handler-time-s",
                 "peak-memory-mb",
                 "train-loss",
                 "num-examples",
@@ -99,6 +113,7 @@ def test_metrics_and_outputs_are_present(run_dir):
                 assert client[key] is not None, key
             assert client["bytes-down"] == client["bytes-up"] > 0
             assert client["peak-memory-mb"] > 0
+            assert client["handler-time-s"] >= client["train-time-s"] > 0
     assert read_json(run_dir, "run-config.json")["num-server-rounds"] == ROUNDS
     for name in ("accuracy.png", "bytes-per-client.png", "submodel-sizes.png"):
         assert (run_dir / name).stat().st_size > 0
