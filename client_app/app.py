@@ -34,6 +34,7 @@ from client_app.training import (
     TrainSettings,
     config_value,
     peak_memory,
+    process_age_s,
     resident_mb,
     train_submodel,
 )
@@ -55,6 +56,7 @@ from raffm_core.task.keys import (
     PARTITION_ID,
     PEAK_MEMORY_MB,
     PEFT,
+    PROCESS_AGE_S,
     SPEC,
     TRAIN_LOSS,
     TRAIN_STEPS,
@@ -161,7 +163,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         """Fine-tune the received sub-model; reply with exactly the received keys."""
-        started = time.perf_counter()
+        started, age = time.perf_counter(), process_age_s()
         release_memory()  # what earlier messages left is not this instruction's
         # The peak covers the whole instruction: loading, training and the reply's copy.
         with peak_memory() as memory:
@@ -180,6 +182,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 PEAK_MEMORY_MB: memory["peak-mb"],
                 BASELINE_MB: job.baseline_mb,
                 HANDLER_TIME_S: time.perf_counter() - started,
+                PROCESS_AGE_S: age,
             }
         )
         return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)

@@ -209,6 +209,16 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
+def process_age_s() -> float:
+    """Seconds since this process started.
+
+    In deployment Flower starts one ClientApp process per message, so at the
+    start of a handler this is what the node paid before the app's own code
+    ran (Python, imports, the FAB); in simulation it is the Ray actor's age.
+    """
+    return time.time() - psutil.Process().create_time()
+
+
 def resident_mb() -> float:
     """The resident memory (RSS) of this process now, in MB."""
     return psutil.Process().memory_info().rss / 2**20

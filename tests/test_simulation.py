@@ -106,6 +106,7 @@ def test_metrics_and_outputs_are_present(run_dir):
                 "bytes-up",
                 "train-time-s",
                 "handler-time-s",
+                "process-age-s",
                 "peak-memory-mb",
                 "train-loss",
                 "num-examples",
@@ -114,6 +115,7 @@ def test_metrics_and_outputs_are_present(run_dir):
             assert client["bytes-down"] == client["bytes-up"] > 0
             assert client["peak-memory-mb"] > 0
             assert client["handler-time-s"] >= client["train-time-s"] > 0
+            assert client["process-age-s"] > 0
     assert read_json(run_dir, "run-config.json")["num-server-rounds"] == ROUNDS
     for name in ("accuracy.png", "bytes-per-client.png", "submodel-sizes.png"):
         assert (run_dir / name).stat().st_size > 0

@@ -47,6 +47,7 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 TRAIN_TIME_S = "train-time-s"  # the training loop only
 HANDLER_TIME_S = "handler-time-s"  # the whole train handler: rebuild, data, training, reply
+PROCESS_AGE_S = "process-age-s"  # the process's age when the handler began: start-up in deployment
 TRAIN_STEPS = "train-steps"
 PEAK_MEMORY_MB = "peak-memory-mb"  # the process's peak RSS while it served the instruction
 # BASELINE_MB, in a train reply: the RSS the process held besides the received

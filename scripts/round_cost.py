@@ -1,0 +1,117 @@
+"""What a round cost, per phase and per node, from a run's ``rounds.json``.
+
+For every round: its wall time split into the server's phases (configure:
+prioritize, extract, serialize; the wait for train replies; aggregate;
+central evaluation), then one row per client with what the node itself
+reported: its process's age when the train handler began (``process-age-s``:
+in deployment, where Flower starts one ClientApp process per message, the
+start-up before the app's code ran; in simulation the Ray actor's age, not a
+cost), the handler's time (``handler-time-s``: rebuild the sub-model, load the
+data, train, build the reply) and the training loop's (``train-time-s``). The
+last column is the rest of the wait that node made the server do: message
+delivery, the SuperNode's and SuperExec's polling, the push of the reply.
+
+Usage::
+
+    .venv/bin/python scripts/round_cost.py results/RUN            # every round
+    .venv/bin/python scripts/round_cost.py results/RUN --deployment  # start-up is a cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+PHASES = ("configure-s", "train-wait-s", "aggregate-s", "evaluate-wait-s", "central-evaluate-s")
+
+
+def client_costs(row: dict[str, Any], deployment: bool) -> list[dict[str, Any]]:
+    """Per accepted client of one round: start-up, handler, training, the rest of the wait.
+
+    A figure the reply did not carry (runs from before it existed) is ``None``.
+    """
+    wait = row.get("phases-s", {}).get("train-wait-s")
+    out = []
+    for client in row["clients"]:
+        if client["status"] != "accepted":
+            continue
+        startup = client.get("process-age-s") if deployment else 0.0
+        handler = client.get("handler-time-s")
+        known = None not in (wait, startup, handler)
+        out.append(
+            {
+                "partition-id": client.get("partition-id"),
+                "budget": client["budget"],
+                "startup-s": startup,
+                "handler-s": handler,
+                "train-s": client.get("train-time-s"),
+                "rest-s": max(0.0, wait - startup - handler) if known else None,
+            }
+        )
+    return out
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _mean(costs: list[dict[str, Any]], key: str) -> str:
+    values = [c[key] for c in costs if c[key] is not None]
+    return _cell(statistics.fmean(values)) if values else "-"
+
+
+HEADER = "| node | budget | start-up s | handler s | of it training s | rest of wait s |"
+
+
+def report(rounds: list[dict[str, Any]], deployment: bool) -> str:
+    """The per-round tables and the means over every client-round, as Markdown."""
+    lines = []
+    trained = [r for r in rounds if r.get("round", 0) > 0 and r.get("clients")]
+    if not trained:
+        return "no training round in rounds.json"
+    for row in trained:
+        phases = row.get("phases-s", {})
+        split = ", ".join(f"{k.removesuffix('-s')} {phases[k]:.1f}" for k in PHASES if k in phases)
+        lines += [
+            f"\nround {row['round']}: {row['wall-time-s']:.1f} s ({split or 'no phases'})",
+            HEADER,
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        for c in client_costs(row, deployment):
+            lines.append(
+                f"| {'-' if c['partition-id'] is None else c['partition-id']} | {c['budget']} | "
+                f"{_cell(c['startup-s'])} | "
+                f"{_cell(c['handler-s'])} | {_cell(c['train-s'])} | {_cell(c['rest-s'])} |"
+            )
+    every = [c for row in trained for c in client_costs(row, deployment)]
+    wall = statistics.fmean(r["wall-time-s"] for r in trained)
+    lines.append(
+        f"\nmean over {len(every)} client-rounds: start-up {_mean(every, 'startup-s')} s, "
+        f"handler {_mean(every, 'handler-s')} s (training {_mean(every, 'train-s')} s), "
+        f"rest of wait {_mean(every, 'rest-s')} s; mean round {wall:.1f} s"
+    )
+    return "\n".join(lines).lstrip("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a results directory (holds rounds.json)")
+    parser.add_argument(
+        "--deployment",
+        action="store_true",
+        help="count the process's age as start-up (one ClientApp process per message)",
+    )
+    args = parser.parse_args(argv)
+    path = args.run / "rounds.json"
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file (pass the run's results directory)")
+    print(report(json.loads(path.read_text()), args.deployment))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
