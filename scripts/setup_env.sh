@@ -109,3 +109,21 @@ fi
 
 # --- 3. assets ---------------------------------------------------------------
 "$PY" scripts/fetch_assets.py
+
+# --- 4. Debian's Fashion-MNIST (optional) -------------------------------------
+# Only the 1,000-client setting (docs/scale.md, scripts/bench_scale.py --preset vit)
+# reads it; tests and the default run do not. Installed with apt when this runs as
+# root on Debian/Ubuntu and it is missing; otherwise one line says how. RAFFM_NO_APT=1 skips it.
+FASHION_DIR=/usr/share/datasets/fashion-mnist
+if [[ ! -d "$FASHION_DIR" && "${RAFFM_NO_APT:-0}" != 1 ]]; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing dataset-fashion-mnist with apt (for the 1,000-client setting)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 \
+                && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+            || log "note: apt-get install dataset-fashion-mnist failed; only the 1,000-client setting needs it"
+    else
+        log "note: $FASHION_DIR is missing; the 1,000-client setting needs it: sudo apt-get install dataset-fashion-mnist"
+    fi
+fi
