@@ -63,7 +63,7 @@ from raffm_core.task.keys import (
     TRAIN_TIME_S,
     VOCAB,
 )
-from raffm_core.task.memory import release_memory
+from raffm_core.task.memory import pin_mmap_threshold, release_memory
 from raffm_core.task.metrics import evaluate_model
 
 datasets.disable_progress_bars()
@@ -141,7 +141,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         A node with a partition (simulation) checks it first: partitions that
         cannot be drawn are an error reply here, before any round.
         """
-        release_memory()  # what earlier messages left is not this node's baseline
+        settle_memory()  # what earlier messages left is not this node's baseline
         cfg = RunConfig.from_mapping(context.run_config, defaults)
         budget = node_budget(cfg, context.node_config)
         reply = ConfigRecord({BUDGET: budget})
@@ -164,7 +164,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         """Fine-tune the received sub-model; reply with exactly the received keys."""
         started, age = time.perf_counter(), process_age_s()
-        release_memory()  # what earlier messages left is not this instruction's
+        settle_memory()  # what earlier messages left is not this instruction's
         # The peak covers the whole instruction: loading, training and the reply's copy.
         with peak_memory() as memory:
             job = load_job(msg, context, defaults)
@@ -190,7 +190,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         """Score the received sub-model on this node's share of the held-out split."""
-        release_memory()
+        settle_memory()
         job = load_job(msg, context, defaults)
         loader = make_loader(
             job.data.test, job.data.tokenizer, config_value(job.config, BATCH_SIZE, int)
@@ -199,6 +199,16 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app
+
+
+def settle_memory() -> None:
+    """Before a message: pin the allocator's mmap threshold (once), then release memory.
+
+    See :mod:`raffm_core.task.memory`: pinned, a Ray actor serving sub-models
+    of changing widths stays flat over long runs.
+    """
+    pin_mmap_threshold()
+    release_memory()
 
 
 def _is_memory_budget(budget: str) -> bool:

@@ -168,3 +168,15 @@ def test_release_memory_freezes_survivors_and_still_collects_new_cycles():
     memory.release_memory()
     assert gone() is None
     assert gc.get_freeze_count() == frozen  # frozen once, not at every call
+
+
+def test_mmap_threshold_is_pinned_unless_the_environment_sets_it(monkeypatch):
+    from raffm_core.task import memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    memory.pin_mmap_threshold.cache_clear()
+    assert memory.pin_mmap_threshold() is False  # the user's setting stands
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    memory.pin_mmap_threshold.cache_clear()
+    glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    assert memory.pin_mmap_threshold() is glibc
