@@ -2,18 +2,25 @@
 
 For every round: its wall time split into the server's phases (configure:
 prioritize, extract, serialize; the wait for train replies; aggregate;
-central evaluation), then one row per client with what the node itself
-reported: its process's age when the train handler began (``process-age-s``:
-in deployment, where Flower starts one ClientApp process per message, the
-start-up before the app's code ran; in simulation the Ray actor's age, not a
-cost), the handler's time (``handler-time-s``: rebuild the sub-model, load the
-data, train, build the reply) and the training loop's (``train-time-s``). The
-last column is the rest of the wait that node made the server do: message
-delivery, the SuperNode's and SuperExec's polling, the push of the reply.
+central evaluation), then one row per client:
+
+* **start-up**: its process's age when the train handler began
+  (``process-age-s``): in deployment, where Flower starts one ClientApp
+  process per message, the Python start, Flower's imports and the FAB before
+  the app's code ran (``--deployment``); in simulation the Ray actor's age,
+  not a cost of the message, so 0 is shown;
+* **handler**: the train handler (``handler-time-s``: rebuild the sub-model,
+  load the data, train, build the reply), and of it the training loop
+  (``train-time-s``);
+* **delivery**: from the server's push to the reply's arrival
+  (``reply-after-s``) minus start-up and handler: the message reaching the
+  node (a SuperNode polls every 3 s), the process launch, the reply's way
+  back and the server's poll;
+* **idle**: the rest of the round's wait, for the slower nodes.
 
 Usage::
 
-    .venv/bin/python scripts/round_cost.py results/RUN            # every round
+    .venv/bin/python scripts/round_cost.py results/RUN               # simulation
     .venv/bin/python scripts/round_cost.py results/RUN --deployment  # start-up is a cost
 """
 
@@ -30,9 +37,9 @@ PHASES = ("configure-s", "train-wait-s", "aggregate-s", "evaluate-wait-s", "cent
 
 
 def client_costs(row: dict[str, Any], deployment: bool) -> list[dict[str, Any]]:
-    """Per accepted client of one round: start-up, handler, training, the rest of the wait.
+    """Per accepted client of one round: start-up, handler, training, delivery, idle.
 
-    A figure the reply did not carry (runs from before it existed) is ``None``.
+    A figure the run did not record (runs from before it existed) is ``None``.
     """
     wait = row.get("phases-s", {}).get("train-wait-s")
     out = []
@@ -41,7 +48,8 @@ def client_costs(row: dict[str, Any], deployment: bool) -> list[dict[str, Any]]:
             continue
         startup = client.get("process-age-s") if deployment else 0.0
         handler = client.get("handler-time-s")
-        known = None not in (wait, startup, handler)
+        arrived = client.get("reply-after-s")
+        local = None if None in (startup, handler) else startup + handler
         out.append(
             {
                 "partition-id": client.get("partition-id"),
@@ -49,7 +57,8 @@ def client_costs(row: dict[str, Any], deployment: bool) -> list[dict[str, Any]]:
                 "startup-s": startup,
                 "handler-s": handler,
                 "train-s": client.get("train-time-s"),
-                "rest-s": max(0.0, wait - startup - handler) if known else None,
+                "delivery-s": None if None in (local, arrived) else max(0.0, arrived - local),
+                "idle-s": None if None in (wait, arrived) else max(0.0, wait - arrived),
             }
         )
     return out
@@ -64,7 +73,7 @@ def _mean(costs: list[dict[str, Any]], key: str) -> str:
     return _cell(statistics.fmean(values)) if values else "-"
 
 
-HEADER = "| node | budget | start-up s | handler s | of it training s | rest of wait s |"
+HEADER = "| node | budget | start-up s | handler s | of it training s | delivery s | idle s |"
 
 
 def report(rounds: list[dict[str, Any]], deployment: bool) -> str:
@@ -79,20 +88,22 @@ def report(rounds: list[dict[str, Any]], deployment: bool) -> str:
         lines += [
             f"\nround {row['round']}: {row['wall-time-s']:.1f} s ({split or 'no phases'})",
             HEADER,
-            "|---:|---|---:|---:|---:|---:|",
+            "|---:|---|---:|---:|---:|---:|---:|",
         ]
         for c in client_costs(row, deployment):
             lines.append(
                 f"| {'-' if c['partition-id'] is None else c['partition-id']} | {c['budget']} | "
                 f"{_cell(c['startup-s'])} | "
-                f"{_cell(c['handler-s'])} | {_cell(c['train-s'])} | {_cell(c['rest-s'])} |"
+                f"{_cell(c['handler-s'])} | {_cell(c['train-s'])} | {_cell(c['delivery-s'])} | "
+                f"{_cell(c['idle-s'])} |"
             )
     every = [c for row in trained for c in client_costs(row, deployment)]
     wall = statistics.fmean(r["wall-time-s"] for r in trained)
     lines.append(
         f"\nmean over {len(every)} client-rounds: start-up {_mean(every, 'startup-s')} s, "
         f"handler {_mean(every, 'handler-s')} s (training {_mean(every, 'train-s')} s), "
-        f"rest of wait {_mean(every, 'rest-s')} s; mean round {wall:.1f} s"
+        f"delivery {_mean(every, 'delivery-s')} s, idle {_mean(every, 'idle-s')} s; "
+        f"mean round {wall:.1f} s"
     )
     return "\n".join(lines).lstrip("\n")
 

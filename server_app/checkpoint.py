@@ -51,7 +51,6 @@ from flwr.serverapp.strategy import Result, Strategy
 from raffm_core import CheckpointError, ServerOptimizer
 from raffm_core.task.config import RunConfig
 
-from .progress import ProgressGrid
 from .records import RoundLog
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -322,7 +321,7 @@ class RoundOffset(Strategy):
 
         result = Strategy.start(
             self,
-            ProgressGrid(grid),
+            self.inner.progress_grid(grid),
             initial_arrays,
             num_rounds - self.offset,
             timeout,

@@ -2,7 +2,7 @@
 
 A mixin of :class:`server_app.strategy.RaFFM`, which provides ``layout``,
 ``profile``, ``query_timeout``, ``min_available_nodes``, ``nodes``,
-``skipped`` and ``history``.
+``skipped``, ``history`` and ``arrivals``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class RunLoop:
         self.prepare(grid, num_rounds)
         return Strategy.start(
             self,
-            ProgressGrid(grid),  # "round 2: 4 of 10 train replies" while a round waits
+            self.progress_grid(grid),  # "round 2: 4 of 10 train replies" while a round waits
             initial_arrays,
             num_rounds,
             timeout,
@@ -68,6 +68,10 @@ class RunLoop:
             evaluate_config,
             self.reporting(evaluate_fn, on_round_end),
         )
+
+    def progress_grid(self, grid: Grid) -> ProgressGrid:
+        """``grid``, logging replies as they arrive and noting when in ``self.arrivals``."""
+        return ProgressGrid(grid, arrivals=self.arrivals)
 
     def prepare(self, grid: Grid, num_rounds: int) -> None:
         """Before round 1: wait for nodes, query budgets; ``num_rounds`` is the last round.

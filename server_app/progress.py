@@ -36,11 +36,18 @@ class ProgressGrid:
     grid : Grid
     poll_s : float
         Seconds between two pulls (Flower's own Grid waits 3 s).
+    arrivals : dict, optional
+        Filled with ``{instruction message id: seconds from the push to its
+        reply's arrival}`` for the last train or evaluate send (cleared at
+        each), which the strategy records per client (``reply-after-s``).
     """
 
-    def __init__(self, grid: Grid, poll_s: float = 0.25) -> None:
+    def __init__(
+        self, grid: Grid, poll_s: float = 0.25, arrivals: dict[str, float] | None = None
+    ) -> None:
         self._grid = grid
         self._poll_s = poll_s
+        self.arrivals = {} if arrivals is None else arrivals
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -55,6 +62,8 @@ class ProgressGrid:
             return list(self._grid.send_and_receive(messages, timeout=timeout))
         config = messages[0].content.config_records.get(CONFIG)
         server_round = config.get(SERVER_ROUND, "?") if config is not None else "?"
+        self.arrivals.clear()
+        pushed_at = time.monotonic()
         waiting = set(self._grid.push_messages(messages))
         total = len(waiting)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -62,6 +71,9 @@ class ProgressGrid:
         while waiting:
             new = list(self._grid.pull_messages(waiting))
             if new:
+                arrived = time.monotonic() - pushed_at
+                for m in new:
+                    self.arrivals[m.metadata.reply_to_message_id] = arrived
                 replies.extend(new)
                 waiting.difference_update(m.metadata.reply_to_message_id for m in new)
                 log(

@@ -62,6 +62,7 @@ _CLIENT_FIELDS = frozenset(
         "reason",
         "fit-baseline-mb",
         "predicted-mb",
+        "reply-after-s",
     }
 )
 """Keys of a client entry of ``rounds.json`` that are not reply metrics."""
@@ -90,6 +91,7 @@ class ClientRound:
     metrics: dict[str, float] = field(default_factory=dict)
     fit_baseline_mb: float | None = None
     predicted_mb: float | None = None
+    reply_after_s: float | None = None  # from the push of the instruction to its reply's arrival
 
     def to_dict(self) -> dict[str, Any]:
         """As ``rounds.json`` and the checkpoint hold it (:meth:`from_dict` inverts it).
@@ -117,6 +119,7 @@ class ClientRound:
             "reason": self.reason,
             "fit-baseline-mb": self.fit_baseline_mb,
             "predicted-mb": self.predicted_mb,
+            "reply-after-s": self.reply_after_s,
             **self.metrics,
         }
 
@@ -137,6 +140,7 @@ class ClientRound:
             metrics={k: v for k, v in data.items() if k not in _CLIENT_FIELDS},
             fit_baseline_mb=data.get("fit-baseline-mb"),  # absent before issue 12
             predicted_mb=data.get("predicted-mb"),
+            reply_after_s=data.get("reply-after-s"),
         )
 
 

@@ -209,6 +209,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         self.history: dict[int, RoundLog] = {}
         self.num_rounds = 0
         self._pending: Pending | None = None
+        self.arrivals: dict[str, float] = {}  # instruction id -> seconds to its reply
         self._pending_eval: list[Sent] = []
 
     def summary(self) -> None:
@@ -296,6 +297,8 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
     def _fuse(
         self, server_round: int, pending: Pending, entry: RoundLog, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        for sent in pending.sent:
+            sent.client.reply_after_s = self.arrivals.get(sent.message.metadata.message_id)
         accepted = match_replies(
             replies,
             pending.sent,

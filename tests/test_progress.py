@@ -79,3 +79,14 @@ def test_a_new_head_is_one_line_not_transformers_load_report(tmp_path, caplog, c
     captured = capfd.readouterr()
     assert "LOAD REPORT" not in captured.err + captured.out + caplog.text
     assert "new task head classifier.bias, classifier.weight (seeded)" in caplog.text
+
+
+def test_arrivals_note_when_each_reply_came_and_are_cleared_per_send():
+    arrivals: dict[str, float] = {"stale": 9.0}
+    grid = ProgressGrid(TrickleGrid([[2], [], [1, 3]]), poll_s=0.02, arrivals=arrivals)
+    sent = instructions(MessageType.TRAIN)
+    grid.send_and_receive(sent, timeout=10)
+    by_node = {m.metadata.dst_node_id: arrivals[m.metadata.message_id] for m in sent}
+    assert set(arrivals) == {m.metadata.message_id for m in sent}  # "stale" is gone
+    assert 0 <= by_node[2] < by_node[1] == by_node[3]  # node 2 answered two polls earlier
+    assert by_node[1] - by_node[2] >= 0.04

@@ -9,7 +9,7 @@ import pytest
 from scripts import round_cost
 
 
-def client(pid, age, handler, train, status="accepted"):
+def client(pid, age, handler, train, arrived, status="accepted"):
     return {
         "partition-id": pid,
         "budget": "params=0.5",
@@ -17,6 +17,7 @@ def client(pid, age, handler, train, status="accepted"):
         "process-age-s": age,
         "handler-time-s": handler,
         "train-time-s": train,
+        "reply-after-s": arrived,
     }
 
 
@@ -24,16 +25,21 @@ ROUND = {
     "round": 1,
     "wall-time-s": 20.0,
     "phases-s": {"configure-s": 1.0, "train-wait-s": 15.0, "aggregate-s": 0.5},
-    "clients": [client(0, 4.0, 9.0, 6.0), client(1, 3.0, 8.0, 5.0), client(2, 1, 1, 1, "rejected")],
+    "clients": [
+        client(0, 4.0, 9.0, 6.0, arrived=14.0),
+        client(1, 3.0, 8.0, 5.0, arrived=12.5),
+        client(2, 1, 1, 1, 2, "rejected"),
+    ],
 }
 
 
-def test_rest_of_the_wait_is_what_start_up_and_handler_leave():
+def test_delivery_and_idle_are_what_start_up_and_handler_leave_of_the_wait():
     deployed = round_cost.client_costs(ROUND, deployment=True)
     assert [c["partition-id"] for c in deployed] == [0, 1]  # rejected replies are left out
-    assert [c["rest-s"] for c in deployed] == pytest.approx([2.0, 4.0])
+    assert [c["delivery-s"] for c in deployed] == pytest.approx([1.0, 1.5])  # 14 - 4 - 9, ...
+    assert [c["idle-s"] for c in deployed] == pytest.approx([1.0, 2.5])  # 15 - 14, 15 - 12.5
     simulated = round_cost.client_costs(ROUND, deployment=False)
-    assert [c["rest-s"] for c in simulated] == pytest.approx([6.0, 7.0])  # an actor's age
+    assert [c["delivery-s"] for c in simulated] == pytest.approx([5.0, 4.5])  # an actor's age
 
 
 def test_report_marks_what_older_runs_did_not_record(tmp_path, capsys):
@@ -42,8 +48,8 @@ def test_report_marks_what_older_runs_did_not_record(tmp_path, capsys):
     assert round_cost.main([str(tmp_path), "--deployment"]) == 0
     out = capsys.readouterr().out
     assert "round 1: 20.0 s (configure 1.0, train-wait 15.0, aggregate 0.5)" in out
-    assert "| 0 | params=0.5 | 4.0 | 9.0 | 6.0 | 2.0 |" in out
-    assert "round 2: 20.0 s (no phases)" in out and "| - | params=1 | - | - | - | - |" in out
+    assert "| 0 | params=0.5 | 4.0 | 9.0 | 6.0 | 1.0 | 1.0 |" in out
+    assert "round 2: 20.0 s (no phases)" in out and "| - | params=1 | - | - | - | - | - |" in out
     assert "mean over 3 client-rounds: start-up 3.5 s, handler 8.5 s" in out
 
 

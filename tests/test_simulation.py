@@ -116,6 +116,8 @@ def test_metrics_and_outputs_are_present(run_dir):
             assert client["peak-memory-mb"] > 0
             assert client["handler-time-s"] >= client["train-time-s"] > 0
             assert client["process-age-s"] > 0
+            # the server saw the reply after the whole handler had run
+            assert client["reply-after-s"] >= client["handler-time-s"]
     assert read_json(run_dir, "run-config.json")["num-server-rounds"] == ROUNDS
     for name in ("accuracy.png", "bytes-per-client.png", "submodel-sizes.png"):
         assert (run_dir / name).stat().st_size > 0
