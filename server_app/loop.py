@@ -2,15 +2,18 @@
 
 A mixin of :class:`server_app.strategy.RaFFM`, which provides ``layout``,
 ``profile``, ``query_timeout``, ``min_available_nodes``, ``nodes``,
-``skipped``, ``history`` and ``arrivals``.
+``skipped``, ``history`` and ``arrivals``, and the settings :meth:`RunLoop.summary`
+logs when Flower's loop starts.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -72,6 +75,38 @@ class RunLoop:
     def progress_grid(self, grid: Grid) -> ProgressGrid:
         """``grid``, logging replies as they arrive and noting when in ``self.arrivals``."""
         return ProgressGrid(grid, arrivals=self.arrivals)
+
+    def summary(self) -> None:
+        """Log the strategy's configuration (Flower's loop calls it when it starts)."""
+        log(
+            INFO,
+            "\t├──> Sampling: fraction train %.2f (min %d) | evaluate %.2f (min %d)",
+            self.fraction_train,
+            self.min_train_nodes,
+            self.fraction_evaluate,
+            self.min_evaluate_nodes,
+        )
+        log(
+            INFO,
+            "\t├──> Nodes: wait for %d | min replies %d",
+            self.min_available_nodes,
+            self.min_replies,
+        )
+        log(
+            INFO,
+            "\t├──> Sub-networks: %s selection, %s salience, %s layers of %d params, %s",
+            self.selection_mode,
+            self.salience_norm,
+            self.layout.num_layers,
+            self.layout.total_params,
+            "vocabulary trimmed to each node's tokens" if self.trim_vocab else "whole vocabulary",
+        )
+        log(
+            INFO,
+            "\t└──> Server update: %s (proximal-mu %g)",
+            self.server_optimizer.name,
+            self.proximal_mu,
+        )
 
     def prepare(self, grid: Grid, num_rounds: int) -> None:
         """Before round 1: wait for nodes, query budgets; ``num_rounds`` is the last round.

@@ -212,38 +212,6 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         self.arrivals: dict[str, float] = {}  # instruction id -> seconds to its reply
         self._pending_eval: list[Sent] = []
 
-    def summary(self) -> None:
-        """Log summary configuration of the strategy."""
-        log(
-            INFO,
-            "\t├──> Sampling: fraction train %.2f (min %d) | evaluate %.2f (min %d)",
-            self.fraction_train,
-            self.min_train_nodes,
-            self.fraction_evaluate,
-            self.min_evaluate_nodes,
-        )
-        log(
-            INFO,
-            "\t├──> Nodes: wait for %d | min replies %d",
-            self.min_available_nodes,
-            self.min_replies,
-        )
-        log(
-            INFO,
-            "\t├──> Sub-networks: %s selection, %s salience, %s layers of %d params, %s",
-            self.selection_mode,
-            self.salience_norm,
-            self.layout.num_layers,
-            self.layout.total_params,
-            "vocabulary trimmed to each node's tokens" if self.trim_vocab else "whole vocabulary",
-        )
-        log(
-            INFO,
-            "\t└──> Server update: %s (proximal-mu %g)",
-            self.server_optimizer.name,
-            self.proximal_mu,
-        )
-
     # ------------------------------------------------------------- training
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

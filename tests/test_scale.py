@@ -170,13 +170,22 @@ def test_release_memory_freezes_survivors_and_still_collects_new_cycles():
     assert gc.get_freeze_count() == frozen  # frozen once, not at every call
 
 
-def test_mmap_threshold_is_pinned_unless_the_environment_sets_it(monkeypatch):
+def test_mmap_threshold_is_pinned_only_when_asked(monkeypatch):
     from raffm_core.task import memory
 
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    memory.pin_mmap_threshold.cache_clear()
-    assert memory.pin_mmap_threshold() is False  # the user's setting stands
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    memory.pin_mmap_threshold.cache_clear()
+    def pin(**env):
+        for key in (memory.THRESHOLD_ENV, "MALLOC_MMAP_THRESHOLD_"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        memory.pin_mmap_threshold.cache_clear()
+        return memory.pin_mmap_threshold()
+
     glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
-    assert memory.pin_mmap_threshold() is glibc
+    assert pin() is False  # the default: glibc's own, moving threshold
+    assert pin(RAFFM_MMAP_THRESHOLD="0") is False
+    assert pin(RAFFM_MMAP_THRESHOLD="1048576") is glibc
+    assert pin(RAFFM_MMAP_THRESHOLD="1048576", MALLOC_MMAP_THRESHOLD_="131072") is False
+    with pytest.raises(ValueError, match="RAFFM_MMAP_THRESHOLD='1MB': expected a number"):
+        pin(RAFFM_MMAP_THRESHOLD="1MB")
+    memory.pin_mmap_threshold.cache_clear()

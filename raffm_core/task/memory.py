@@ -8,8 +8,8 @@ the freed pages in its heaps (one arena per thread that ever allocated), so
 RSS climbs from round to round although nothing is alive.
 ``malloc_trim(0)`` hands the free pages of every arena back; a
 ``gc.collect()`` first frees what only reference cycles held (transformers
-modules hold some). The ClientApp calls :func:`release_memory` after each
-train and evaluate reply, the ServerApp after each round.
+modules hold some). The ClientApp calls :func:`release_memory` before each
+message and after training, the ServerApp after each round.
 
 A full ``gc.collect()`` walks every tracked object: 0.17-0.20 s in a process
 that has imported torch, transformers and flwr (450,000 objects), which was
@@ -19,18 +19,17 @@ process's life) out of later collections, which then take microseconds.
 Objects frozen then that die later in a reference cycle are not reclaimed;
 refcounting still frees everything else.
 
-Trimming alone left a Ray actor growing by 13% over 30 rounds of the soak
-run (``docs/scale.md``): glibc serves allocations above its mmap threshold
-with ``mmap`` and returns them on ``free``, but raises that threshold to the
-size of each such block freed (up to 32 MB), so after the first sub-model the
-activation and optimizer buffers of a few MB come from the heap, where blocks
-of changing sizes fragment it. The ClientApp therefore calls
-:func:`pin_mmap_threshold` before its first message, which fixes the threshold
-at :data:`MMAP_THRESHOLD` (``mallopt(M_MMAP_THRESHOLD)`` also stops the
-adjustment), unless ``MALLOC_MMAP_THRESHOLD_`` is set already. The server
-does not: pinned, it reached the same plateau, only rounds later.
+Trimming alone still leaves a Ray actor's RSS 12-13% higher after 30
+rounds of the soak run than after 3, most of it by round 15-20, then flat
+(``docs/scale.md``). Pinning glibc's mmap threshold at 1 MB
+(``RAFFM_MMAP_THRESHOLD=1048576``: :func:`pin_mmap_threshold`, which the
+ClientApp calls before each message) keeps it within 9%, because blocks of a
+MB or more then get their own mappings, returned on free, instead of
+fragmenting the heap; but every activation of a training step then costs a
+``mmap``, page faults and a ``munmap``, and training took 20% longer. So it
+is opt-in.
 
-``RAFFM_MALLOC_TRIM=0`` in the environment turns all of this off, to measure its
+``RAFFM_MALLOC_TRIM=0`` in the environment turns trimming off, to measure its
 effect (``scripts/bench_scale.py --soak --no-trim``).
 """
 
@@ -47,24 +46,37 @@ TRIM_ENV = "RAFFM_MALLOC_TRIM"
 """Environment variable: ``0`` keeps freed memory in the allocator (no trim)."""
 
 
-MMAP_THRESHOLD = 1 << 20
-"""Bytes: allocations at least this large get their own mapping, returned on free."""
+THRESHOLD_ENV = "RAFFM_MMAP_THRESHOLD"
+"""Environment variable: pin glibc's mmap threshold at this many bytes (unset or 0: no pin)."""
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 @lru_cache(maxsize=1)
 def pin_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold at :data:`MMAP_THRESHOLD`, once per process.
+    """Pin glibc's mmap threshold at ``RAFFM_MMAP_THRESHOLD`` bytes, once per process.
 
-    Returns whether it was set: ``False`` without glibc's ``mallopt``, when
-    the environment already sets ``MALLOC_MMAP_THRESHOLD_``, or under
-    ``RAFFM_MALLOC_TRIM=0``.
+    Returns whether it was set: ``False`` when the variable is unset or 0,
+    without glibc's ``mallopt``, or when ``MALLOC_MMAP_THRESHOLD_`` (glibc's
+    own, read at start-up) is set.
+
+    Raises
+    ------
+    ValueError
+        If ``RAFFM_MMAP_THRESHOLD`` is not a whole number of bytes.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get(TRIM_ENV, "1") == "0":
+    value = os.environ.get(THRESHOLD_ENV, "0")
+    try:
+        threshold = int(value)
+    except ValueError:
+        raise ValueError(f"{THRESHOLD_ENV}={value!r}: expected a number of bytes") from None
+    if threshold <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
-    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
+    return _set_threshold(threshold)
+
+
+def _set_threshold(threshold: int) -> bool:
+    mallopt = getattr(_libc(), "mallopt", None)
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold) == 1)
 
 
 @lru_cache(maxsize=1)
