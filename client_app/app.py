@@ -202,10 +202,11 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
 
 def settle_memory() -> None:
-    """Before a message: pin the allocator's mmap threshold (once), then release memory.
+    """Before a message: release memory, and pin glibc's mmap threshold if asked (once).
 
-    See :mod:`raffm_core.task.memory`: pinned, a Ray actor serving sub-models
-    of changing widths stays flat over long runs.
+    The pin (``RAFFM_MMAP_THRESHOLD``, off by default) keeps a Ray actor that
+    serves sub-models of changing widths flatter over long runs, at a cost in
+    training speed; see :mod:`raffm_core.task.memory`.
     """
     pin_mmap_threshold()
     release_memory()
