@@ -38,7 +38,7 @@ from client_app.training import (
     resident_mb,
     train_submodel,
 )
-from raffm_core import Budget, BudgetError, SubnetSpec, build_submodel
+from raffm_core import Budget, SubnetSpec, build_submodel
 from raffm_core.spec import format_runs
 from raffm_core.task.config import LORA, NO_PEFT, PEFT_METHODS, RunConfig
 from raffm_core.task.encode import make_loader
@@ -149,7 +149,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             partition_id, num_partitions = node_partition(context.node_config)
             check_partition(cfg, partition_id, num_partitions)
             reply[PARTITION_ID] = partition_id
-        memory = _is_memory_budget(budget)
+        memory = Budget.memory_mb_of(budget) is not None
         if cfg.trims_vocab or memory:
             partition_id, num_partitions = node_partition(context.node_config)
             data = load_local_data(cfg, partition_id, num_partitions, cfg.max_length)
@@ -210,14 +210,6 @@ def settle_memory() -> None:
     """
     pin_mmap_threshold()
     release_memory()
-
-
-def _is_memory_budget(budget: str) -> bool:
-    """Whether ``budget`` is a valid ``memory-mb`` budget (the server rejects invalid ones)."""
-    try:
-        return Budget.parse(budget).kind == "memory-mb"
-    except BudgetError:
-        return False
 
 
 app = build_client_app()

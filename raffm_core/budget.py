@@ -68,7 +68,7 @@ import math
 import re
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from .errors import BudgetError
 from .layout import ModelLayout
@@ -87,14 +87,6 @@ LIBRARIES_MB = 367.0
 STEP_WORKSPACE_MB = RUNTIME_OVERHEAD_MB - LIBRARIES_MB
 """What a training step adds to a process besides the model's own tensors
 (autograd, BLAS and oneDNN working memory): 404 - 367 MB, measured as above."""
-
-ATTENTION_DROPOUT_KEYS = (
-    "attention_probs_dropout_prob",  # BERT, RoBERTa, ELECTRA, ViT
-    "attention_dropout",  # DistilBERT, Llama-style decoders
-    "attn_pdrop",  # GPT-2
-    "dropout_rate",  # T5
-)
-"""Config attributes that hold a family's attention dropout probability."""
 
 NORM_ACTIVATIONS = 4
 """Hidden-size tensors saved per token per layer, besides the inputs of the
@@ -174,6 +166,15 @@ class Budget:
         if count != int(count):
             raise BudgetError(f"budget {text!r}: a parameter count must be whole")
         return cls._checked(text, kind, float(int(count)))
+
+    @classmethod
+    def memory_mb_of(cls, text: str) -> float | None:
+        """The MB of ``text`` if it is a valid ``memory-mb`` budget; None otherwise."""
+        try:
+            budget = cls.parse(text)
+        except BudgetError:
+            return None
+        return budget.value if budget.kind == "memory-mb" else None
 
     @classmethod
     def _checked(cls, text: str, kind: str, value: float, relative: bool = False) -> Budget:
@@ -323,23 +324,6 @@ class InferenceProfile(_Profile):
             widest = max(widest, live)
         act = 4 * widest * self.batch_size * self.seq_len
         return self.runtime_mb + (4 * layout.count_params(spec) + act) / 2**20
-
-
-def attention_materialized(config: Any) -> bool:
-    """Whether training a model of ``config`` (a ``PretrainedConfig``) keeps attention scores.
-
-    Eager attention does; so does SDPA on CPU whenever attention dropout
-    (:data:`ATTENTION_DROPOUT_KEYS`) is on: PyTorch's fused CPU kernel takes
-    no dropout, and its math fallback keeps the probabilities, the dropout
-    mask and the dropped probabilities. The result is a
-    :class:`TrainingProfile`'s ``eager_attention``.
-    """
-    if getattr(config, "_attn_implementation", None) == "eager":
-        return True
-    return any(
-        isinstance(p := getattr(config, key, None), int | float) and p > 0
-        for key in ATTENTION_DROPOUT_KEYS
-    )
 
 
 def _layer_widths(layout: ModelLayout, spec: SubnetSpec) -> list[tuple[int, int, int]]:

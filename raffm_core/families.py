@@ -21,6 +21,7 @@ per layer (a decoder layer has self- and cross-attention).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import UnsupportedModelError
 
@@ -296,4 +297,30 @@ def find_family(model_type: str) -> Family:
     raise UnsupportedModelError(
         f"model_type {model_type!r} is not supported; supported model types are "
         f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+ATTENTION_DROPOUT_KEYS = (
+    "attention_probs_dropout_prob",  # BERT, RoBERTa, ELECTRA, ViT
+    "attention_dropout",  # DistilBERT, Llama-style decoders
+    "attn_pdrop",  # GPT-2
+    "dropout_rate",  # T5
+)
+"""Config attributes that hold a family's attention dropout probability."""
+
+
+def attention_materialized(config: Any) -> bool:
+    """Whether training a model of ``config`` (a ``PretrainedConfig``) keeps attention scores.
+
+    Eager attention does; so does SDPA on CPU whenever attention dropout
+    (:data:`ATTENTION_DROPOUT_KEYS`) is on: PyTorch's fused CPU kernel takes
+    no dropout, and its math fallback keeps the probabilities, the dropout
+    mask and the dropped probabilities. The result is a
+    :class:`raffm_core.TrainingProfile`'s ``eager_attention``.
+    """
+    if getattr(config, "_attn_implementation", None) == "eager":
+        return True
+    return any(
+        isinstance(p := getattr(config, key, None), int | float) and p > 0
+        for key in ATTENTION_DROPOUT_KEYS
     )

@@ -153,6 +153,11 @@ def rank_units(
             return scores[i][0].to(torch.float64)
         return _unit_scores(state, layout.layers[i].heads, norm, layout.num_groups)
 
+    def ffn_score(i: int) -> torch.Tensor:
+        if scores is not None:
+            return scores[i][1].to(torch.float64)
+        return _unit_scores(state, layout.layers[i].ffn, norm, layout.ffn_size)
+
     shared: dict[int, torch.Tensor] = {}
     for group in layout.head_ties:
         score = sum(head_score(i) for i in group)
@@ -163,10 +168,7 @@ def rank_units(
         heads = shared.get(layer.index)
         if heads is None:
             heads = _rank(head_score(layer.index))
-        if scores is not None:
-            ffn = _rank(scores[layer.index][1].to(torch.float64))
-        else:
-            ffn = _rank(_unit_scores(state, layer.ffn, norm, layout.ffn_size))
+        ffn = _rank(ffn_score(layer.index))
         query_key = None
         if layer.query_key:
             d = layout.head_dim

@@ -45,7 +45,6 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -221,16 +220,13 @@ def build_job(args: argparse.Namespace, nodes: int, out: Path) -> dict[str, Any]
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected key=value")
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value
-    return out
+    """``--set key=value`` items, typed as the run config's keys (:mod:`scripts.preflight`)."""
+    from scripts.preflight import PreflightError, parse_overrides
+
+    try:
+        return parse_overrides(items)
+    except PreflightError as err:
+        raise SystemExit(f"--set: {err}") from None
 
 
 def run_child(job: dict[str, Any], no_trim: bool, echo: bool) -> dict[str, Any]:
@@ -286,7 +282,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     actors = result["actors"]
     cycles = cycle_times(result["rss"])
     wall = _mean([r["wall-s"] for r in steady])
-    cycle = _mean([cycles[r["round"]] for r in steady if r["round"] in cycles]) or wall
+    measured = [cycles[r["round"]] for r in steady if r["round"] in cycles]
+    cycle = _mean(measured) if measured else wall  # no RSS readings: the rounds' own time
     train = _mean([r["train-sum-s"] for r in steady])
     handler = _mean([r["handler-sum-s"] for r in steady])
     phases = (

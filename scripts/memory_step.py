@@ -44,7 +44,8 @@ def prepare(reviews: Path, out: Path) -> list[dict]:
 
     import raffm_core as R
     from client_app.partition import load_local_data, token_ids
-    from raffm_core.budget import STEP_WORKSPACE_MB, attention_materialized
+    from raffm_core.budget import STEP_WORKSPACE_MB
+    from raffm_core.families import attention_materialized
     from raffm_core.task import load_task
     from raffm_core.task.config import RunConfig
     from raffm_core.task.models import load_model

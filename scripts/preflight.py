@@ -125,7 +125,7 @@ def check(overrides: dict[str, Any], nodes: int | None) -> dict[str, Any]:
 
     from client_app.partition import check_partition, draw_partitions, process_task
     from raffm_core import BudgetError, RaffmError, TrainingProfile, check_budgets, describe
-    from raffm_core.budget import attention_materialized
+    from raffm_core.families import attention_materialized
     from raffm_core.task.config import RunConfig
     from raffm_core.task.models import load_model_config
 

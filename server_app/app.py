@@ -24,7 +24,7 @@ from raffm_core import (
     check_budgets,
     describe,
 )
-from raffm_core.budget import attention_materialized
+from raffm_core.families import attention_materialized
 from raffm_core.task import load_task
 from raffm_core.task.config import RunConfig
 from raffm_core.task.data import TaskInfo

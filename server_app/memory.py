@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers or in Ray workers
 import matplotlib.pyplot as plt  # noqa: E402
 
-from raffm_core import Budget, BudgetError  # noqa: E402
+from raffm_core import Budget  # noqa: E402
 from raffm_core.task.keys import BASELINE_MB, PEAK_MEMORY_MB  # noqa: E402
 
 from .records import RoundLog  # noqa: E402
@@ -68,7 +68,7 @@ def memory_rows(history: Mapping[int, RoundLog]) -> list[NodeMemory]:
                     client.node_id,
                     client.partition_id,
                     client.budget,
-                    _budget_mb(client.budget),
+                    Budget.memory_mb_of(client.budget),
                     client.fit_baseline_mb,
                 )
             row.peak_mb.append(float(peak))
@@ -79,14 +79,6 @@ def memory_rows(history: Mapping[int, RoundLog]) -> list[NodeMemory]:
     return sorted(
         rows.values(), key=lambda r: (r.partition_id is None, r.partition_id or 0, r.node_id)
     )
-
-
-def _budget_mb(text: str) -> float | None:
-    try:
-        budget = Budget.parse(text)
-    except BudgetError:
-        return None
-    return budget.value if budget.kind == "memory-mb" else None
 
 
 def _mb(value: float | None) -> str:

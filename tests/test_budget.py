@@ -58,6 +58,14 @@ def test_parse_rejects(text):
     assert repr(text) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [("memory-mb=900", 900.0), ("params=0.6", None), ("memory-mb=0", None), ("memory", None)],
+)
+def test_memory_mb_of_reads_only_valid_memory_budgets(text, expected):
+    assert Budget.memory_mb_of(text) == expected
+
+
 @pytest.mark.parametrize("value", [0.6, None, b"params=0.6"], ids=["float", "none", "bytes"])
 def test_parse_rejects_non_strings(value):
     with pytest.raises(BudgetError, match=type(value).__name__):

@@ -18,12 +18,8 @@ import transformers as T
 from flwr.app import ArrayRecord, ConfigRecord
 
 from raffm_core import SubnetSpec, TrainingProfile, describe, select_subnet
-from raffm_core.budget import (
-    RUNTIME_OVERHEAD_MB,
-    STEP_WORKSPACE_MB,
-    attention_materialized,
-    training_memory_mb,
-)
+from raffm_core.budget import RUNTIME_OVERHEAD_MB, STEP_WORKSPACE_MB, training_memory_mb
+from raffm_core.families import attention_materialized
 from raffm_core.task.config import ConfigError, RunConfig
 from raffm_core.task.keys import BASELINE_MB, CONFIG, PEAK_MEMORY_MB, SPEC
 from server_app.app import build_strategy
