@@ -50,6 +50,8 @@ from raffm_core.task.keys import (
     BUDGET,
     CONFIG,
     HANDLER_TIME_S,
+    IMPORTANCE,
+    LABELS_HELD,
     MAX_LENGTH,
     METRICS,
     NUM_EXAMPLES,
@@ -185,7 +187,18 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
                 PROCESS_AGE_S: age,
             }
         )
-        return Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
+        content = RecordDict({ARRAYS: arrays, METRICS: metrics})
+        if result.labels_held is not None:
+            content[CONFIG] = ConfigRecord({LABELS_HELD: list(result.labels_held)})
+        if result.importance is not None:
+            content[IMPORTANCE] = ArrayRecord(
+                {
+                    f"{kind}.{i}": scores.to(torch.float32)
+                    for i, pair in enumerate(result.importance)
+                    for kind, scores in zip(("heads", "ffn"), pair, strict=True)
+                }
+            )
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from raffm_core import InstructionError, width_scaler
+from raffm_core.importance import UnitScores, record_taylor
 from raffm_core.nested import nested_dropout
 from raffm_core.task.config import PRECISIONS
 from raffm_core.task.encode import cycle, make_loader
@@ -32,6 +33,7 @@ from raffm_core.task.keys import (
     MIXED_PRECISION,
     NESTED_DROPOUT,
     PROXIMAL_MU,
+    RECORD_IMPORTANCE,
     SEED,
     SERVER_ROUND,
     WEIGHT_DECAY,
@@ -72,6 +74,7 @@ class TrainSettings:
     masked_loss: bool = False
     width_scaler: bool = False
     nested_dropout: float = 0.0
+    record_importance: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], partition_id: int) -> TrainSettings:
@@ -100,6 +103,11 @@ class TrainSettings:
             nested_dropout=(
                 config_value(config, NESTED_DROPOUT, float) if NESTED_DROPOUT in config else 0.0
             ),
+            record_importance=(
+                config_value(config, RECORD_IMPORTANCE, bool)
+                if RECORD_IMPORTANCE in config
+                else False
+            ),
         )
         if not 0.0 <= settings.nested_dropout < 1.0:
             raise InstructionError(
@@ -114,12 +122,20 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What local training did: mean loss, optimizer steps, examples seen, seconds."""
+    """What local training did: mean loss, optimizer steps, examples seen, seconds.
+
+    ``labels_held`` (masked loss only): the class ids of the training data.
+    ``importance`` (``record_importance`` only): per layer, the per-example
+    Taylor importance of the model's head groups and FFN neurons, measured
+    on the training steps' own gradients.
+    """
 
     loss: float
     steps: int
     examples_seen: int
     seconds: float
+    labels_held: tuple[int, ...] | None = None
+    importance: list[UnitScores] | None = None
 
 
 def train_submodel(
@@ -140,6 +156,8 @@ def train_submodel(
     :func:`raffm_core.width_scaler` (HeteroFL's scaler). With
     ``nested_dropout > 0`` that share of the steps trains a random salient
     prefix of the sub-model (:func:`raffm_core.nested.nested_dropout`).
+    With ``record_importance`` the unit importance of every step is recorded
+    (:func:`raffm_core.importance.record_taylor`).
     """
     if len(dataset) == 0:
         raise InstructionError("cannot train on an empty partition")
@@ -160,6 +178,7 @@ def train_submodel(
         nested_dropout(model, settings.nested_dropout, settings.seed)
         if settings.nested_dropout
         else contextlib.nullcontext() as nested,
+        record_taylor(model) if settings.record_importance else contextlib.nullcontext() as taylor,
     ):
         for _ in range(steps):
             if nested is not None:
@@ -181,10 +200,21 @@ def train_submodel(
                 drift = sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + settings.proximal_mu / 2 * drift
             loss.backward()
+            if taylor is not None:
+                taylor.count(n)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return TrainResult(total_loss / seen, steps, seen, time.perf_counter() - start)
+    return TrainResult(
+        total_loss / seen,
+        steps,
+        seen,
+        time.perf_counter() - start,
+        labels_held=None
+        if absent is None
+        else tuple(int(i) for i in (~absent).nonzero().flatten()),
+        importance=None if taylor is None else taylor.mean(),
+    )
 
 
 def _absent_labels(model: PreTrainedModel, dataset: datasets.Dataset) -> torch.Tensor:

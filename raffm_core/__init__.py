@@ -25,6 +25,7 @@ from .aggregate import (
     aggregate,
     aggregate_with_coverage,
     check_update,
+    label_keys,
     pseudo_gradient,
 )
 from .budget import Budget, InferenceProfile, MemoryProfile, TrainingProfile, training_memory_mb
@@ -53,6 +54,7 @@ from .extract import (
     width_scaler,
 )
 from .families import FAMILIES, SUPPORTED_MODEL_TYPES, Family
+from .importance import ImportanceTracker
 from .layout import ModelLayout, describe
 from .prioritize import Permutation, permute_state, prioritize, prioritize_state, rank_units
 from .select import check_budgets, select_subnet
@@ -72,6 +74,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Family",
+    "ImportanceTracker",
     "InferenceProfile",
     "InstructionError",
     "LayerSpec",
@@ -99,6 +102,7 @@ __all__ = [
     "extract_state_dict",
     "extract_submodel",
     "width_scaler",
+    "label_keys",
     "load_submodel",
     "permute_state",
     "prioritize",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from .errors import SpecError, UpdateError
 from .layout import Index, ModelLayout
@@ -40,6 +41,36 @@ class Update:
     state: State
     num_examples: int
     weight: float | None = None
+    rows: Mapping[str, tuple[int, ...]] | None = None
+    """Keys whose axis-0 rows this update contributes only at these indices.
+
+    HeteroFL's label split: under a masked loss a client gives no signal on
+    the output rows of the labels it does not hold (their gradient is zero;
+    only weight decay moves them), so fusing those rows would pull the global
+    ones back toward their old values. The state still holds the whole
+    tensor; only the listed rows are fused. A key listed here must not be
+    sliced by ``spec`` (output layers are not elastic).
+    """
+
+
+def label_keys(model: nn.Module) -> tuple[str, ...]:
+    """The state-dict keys of a classifier's output layer: one row per class.
+
+    The last ``nn.Linear`` whose ``out_features`` is ``config.num_labels``
+    (``classifier`` in BERT, DistilBERT and ViT, ``score`` in GPT-2 and
+    LLaMA, ``classification_head.out_proj`` in T5); ``()`` for models
+    without one (a language model, a regression head of one output is
+    still one). These are the tensors :attr:`Update.rows` restricts.
+    """
+    num_labels = getattr(getattr(model, "config", None), "num_labels", 0) or 0
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_labels:
+            found = (name, module)
+    if found is None:
+        return ()
+    name, module = found
+    return tuple(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
 
 
 def _as_update(item, position: int) -> Update:
@@ -95,6 +126,19 @@ def check_update(
     except SpecError as err:
         raise UpdateError(f"{name}: {err}") from None
     expected = list(global_state) if keys is None else list(keys)
+    for key, rows in (update.rows or {}).items():
+        if key not in expected:
+            raise UpdateError(f"{name}: rows given for {key!r}, which is not aggregated")
+        if key in layout.slices(update.spec):
+            raise UpdateError(f"{name}: rows given for {key!r}, which the spec slices")
+        size = layout.shapes[key][0] if key in layout.shapes else global_state[key].shape[0]
+        bad = [
+            r for r in rows if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < size
+        ]
+        if bad or len(set(rows)) != len(rows):
+            raise UpdateError(
+                f"{name}: rows of {key!r} must be distinct ints in [0, {size}), got {list(rows)}"
+            )
     not_in_model = [k for k in expected if k not in expected_shapes]
     if not_in_model:
         raise UpdateError(f"{name}: {not_in_model[0]!r} is not a tensor of the model")
@@ -107,6 +151,14 @@ def check_update(
             raise UpdateError(f"{name}: {key!r} is a {type(tensor).__name__}, not a tensor")
         if tensor.is_floating_point() and not all_finite(tensor):
             raise UpdateError(f"{name}: {key!r} contains NaN or Inf")
+
+
+def _slices_of(update: Update, layout: ModelLayout) -> dict[str, tuple[int, Index]]:
+    """The spec's slices of ``update``, plus its label rows as an axis-0 index set."""
+    slices = layout.slices(update.spec)
+    for key, rows in (update.rows or {}).items():
+        slices[key] = (0, torch.as_tensor(sorted(rows), dtype=torch.long))
+    return slices
 
 
 def _add_slice(
@@ -182,7 +234,7 @@ def aggregate_with_coverage(
     for i, update in enumerate(updates):
         check_update(update, layout, global_state, keys, name=f"update {i}")
 
-    slices = [layout.slices(u.spec) for u in updates]
+    slices = [_slices_of(u, layout) for u in updates]
     weights = [float(u.num_examples if u.weight is None else u.weight) for u in updates]
     total = sum(weights)
     new_state: dict[str, torch.Tensor] = {}
@@ -215,6 +267,8 @@ def aggregate_with_coverage(
                 den.add_(w)
                 continue
             axis, index = s[key]
+            if update.rows and key in update.rows:
+                value = value.index_select(0, index)  # the rows it trained, in index order
             _add_slice(acc, axis, index, value, w)
             ones = torch.ones([1 if a != axis else value.shape[a] for a in range(old.dim())])
             _add_slice(den, axis, index, ones, w)

@@ -28,12 +28,18 @@ def _window(width: Width, size: int, start: int, core: int = 0) -> Width:
 
 
 def _roll(
-    layout: ModelLayout, widths: SubnetSpec, server_round: int, step: int, tail: float = 1.0
+    layout: ModelLayout,
+    widths: SubnetSpec,
+    server_round: int,
+    step: int,
+    tail: float = 1.0,
+    ffn_step: int | None = None,
 ) -> SubnetSpec:
     layout.check_spec(widths)
     if server_round < 0 or step < 1:
         raise SpecError(f"need server_round >= 0 and step >= 1, got {server_round}, {step}")
-    ffn_step = max(1, step * layout.ffn_size // layout.num_groups)
+    if ffn_step is None:  # both axes roll once around in the same number of rounds
+        ffn_step = max(1, step * layout.ffn_size // layout.num_groups)
 
     def core(width: Width) -> int:  # 0 for FedRolex (tail 1): the whole width rolls
         return 0 if tail >= 1.0 else max(1, round((1.0 - tail) * width_count(width)))
@@ -62,11 +68,11 @@ def rolling_spec(
     server_round : int
         Round number ``t >= 0``; the window starts ``t * step`` units in.
     step : int
-        Units the window advances per round (FedRolex uses 1). FFN windows
-        advance ``step`` FFN neurons times the ratio of FFN size to head groups,
-        so both axes roll once around in the same number of rounds.
+        Units the window advances per round, on both axes: ``step`` head
+        groups and ``step`` FFN neurons. FedRolex's reference implementation
+        rolls one unit per round per layer (1).
     """
-    return _roll(layout, widths, server_round, step)
+    return _roll(layout, widths, server_round, step, ffn_step=step)
 
 
 def rolling_tail_spec(

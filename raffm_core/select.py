@@ -12,6 +12,8 @@ from .spec import LayerSpec, SubnetSpec, Width
 
 LARGEST, SAMPLE = "largest", "sample"
 MODES = (LARGEST, SAMPLE)
+SAMPLE_DRAWS = 1000
+"""Draws :func:`select_subnet`'s ``"sample"`` mode tries before it draws within the largest."""
 
 
 def ffn_step(layout: ModelLayout) -> int:
@@ -80,12 +82,15 @@ def _sample(
     rng: np.random.Generator,
     vocab: Width | None = None,
 ) -> SubnetSpec:
-    """Draw per-layer widths uniformly, then narrow the widest layers until it fits.
+    """A random per-layer configuration that fits: the paper's draw, by rejection sampling.
 
     Every layer draws its head groups from ``1..G`` and its FFN width from the
-    grid. While the draw is over budget, the layer with the largest width
-    ratio loses one step (a head group or an FFN step, whichever is the larger
-    fraction of that layer), so the result keeps the draw's shape.
+    grid, uniformly; a draw that fits is kept, one that does not is drawn
+    again, up to :data:`SAMPLE_DRAWS` times, so every configuration within the
+    budget is equally likely. When none of those draws fits (a budget far
+    below the full model), each layer draws within the widest uniform
+    configuration that fits (:func:`_largest`), which always fits since cost
+    grows with every width.
     """
     grid = _ffn_grid(layout)
     # Layers that share a relative position bias share one head width: draw
@@ -93,28 +98,21 @@ def _sample(
     tie = np.arange(layout.num_layers)
     for group in layout.head_ties:
         tie[list(group)] = group[0]
-    heads = rng.integers(1, layout.num_groups + 1, size=layout.num_layers)[tie]
-    ffn = rng.integers(0, len(grid), size=layout.num_layers)  # indices into grid
 
-    def spec() -> SubnetSpec:
+    def draw(max_heads: int, max_ffn: int) -> SubnetSpec:
+        heads = rng.integers(1, max_heads + 1, size=layout.num_layers)[tie]
+        ffn = rng.integers(0, max_ffn, size=layout.num_layers)  # indices into grid
         return SubnetSpec(
             tuple(LayerSpec(int(h), grid[int(f)]) for h, f in zip(heads, ffn, strict=True)),
             vocab,
         )
 
-    while not _fits(budget, layout, spec(), profile, limit):
-        head_ratio = heads / layout.num_groups
-        ffn_ratio = (ffn + 1) / len(grid)
-        shrinkable_h = np.where(heads > 1, head_ratio, -1.0)
-        shrinkable_f = np.where(ffn > 0, ffn_ratio, -1.0)
-        i_h, i_f = int(np.argmax(shrinkable_h)), int(np.argmax(shrinkable_f))
-        if shrinkable_h[i_h] < 0 and shrinkable_f[i_f] < 0:
-            raise AssertionError("unreachable: the smallest spec was checked to fit")
-        if shrinkable_h[i_h] >= shrinkable_f[i_f]:
-            heads[tie == tie[i_h]] -= 1
-        else:
-            ffn[i_f] -= 1
-    return spec()
+    for _ in range(SAMPLE_DRAWS):
+        spec = draw(layout.num_groups, len(grid))
+        if _fits(budget, layout, spec, profile, limit):
+            return spec
+    box = _largest(layout, budget, profile, limit, vocab).layers[0]
+    return draw(box.heads, grid.index(box.ffn) + 1)
 
 
 def select_subnet(

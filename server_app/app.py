@@ -23,6 +23,7 @@ from raffm_core import (
     base_config,
     check_budgets,
     describe,
+    label_keys,
 )
 from raffm_core.families import attention_materialized
 from raffm_core.task import load_task
@@ -113,6 +114,7 @@ def build_strategy(
         max_num_examples=cfg.max_num_examples,
         width_weight_power=cfg.width_weight_power,
         trim_vocab=trim_vocab,
+        label_keys=label_keys(model) if cfg.masked_loss else (),
         **strategy_options(cfg),
     )
 

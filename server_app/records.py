@@ -184,6 +184,8 @@ class RoundLog:
     extract, serialize), ``train-wait-s`` (until every train reply is in or the timeout),
     ``aggregate-s`` (validate, fuse), ``evaluate-wait-s`` (federated evaluation, if any),
     ``central-evaluate-s``."""
+    importance: dict[str, float] = field(default_factory=dict)
+    """Salience ``taylor``: replies whose importance was fused, their bytes, seconds spent."""
     _lap_at: float | None = field(default=None, repr=False, compare=False)
 
     def lap(self, phase: str) -> None:
@@ -208,6 +210,7 @@ class RoundLog:
             "phases-s": self.phases,
             "train-metrics": self.train_metrics,
             "federated-evaluation": self.evaluate_metrics,
+            **({"importance": self.importance} if self.importance else {}),
             "clients": [c.to_dict() for c in self.clients],
         }
 
@@ -224,6 +227,7 @@ class RoundLog:
             evaluate_metrics=dict(data["federated-evaluation"]),
             excluded={int(e["node"]): e["reason"] for e in data["clients-excluded"]},
             phases=dict(data.get("phases-s", {})),  # absent from checkpoints before it existed
+            importance=dict(data.get("importance", {})),
         )
 
 

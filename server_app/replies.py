@@ -31,6 +31,7 @@ from raffm_core import (
     check_update,
     select_subnet,
 )
+from raffm_core.spec import width_count
 from raffm_core.task.keys import (
     ARRAYS,
     BASELINE_MB,
@@ -206,6 +207,40 @@ def decode_array(array: Array) -> torch.Tensor:
 def decode_arrays(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     """``arrays`` as read-only tensors that share its memory (:func:`decode_array`)."""
     return {key: decode_array(array) for key, array in arrays.items()}
+
+
+def decode_importance(
+    record: ArrayRecord, spec: SubnetSpec
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A reply's ``importance`` record as per-layer ``(heads, ffn)`` float64 tensors.
+
+    Raises
+    ------
+    ValueError
+        If a layer's entry is missing, of the wrong shape for ``spec``, not
+        finite or negative; the message names it.
+    """
+    out = []
+    for i, kept in enumerate(spec.layers):
+        pair = []
+        for kind, width in (("heads", kept.heads), ("ffn", kept.ffn)):
+            key = f"{kind}.{i}"
+            if key not in record:
+                raise ValueError(f"no {key!r} (it has {sorted(record.keys())[:4]}...)")
+            try:
+                tensor = decode_array(record[key]).to(torch.float64)
+            except Exception as err:  # a client can send anything
+                raise ValueError(f"{key!r} cannot be decoded: {one_line(str(err))}") from None
+            expected = (width_count(width),)
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{key!r} has shape {tuple(tensor.shape)}, expected {expected}")
+            if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+                raise ValueError(f"{key!r} is not finite and non-negative")
+            pair.append(tensor)
+        out.append(tuple(pair))
+    if len(record) != 2 * len(spec.layers):
+        raise ValueError(f"{len(record)} arrays, expected {2 * len(spec.layers)}")
+    return out
 
 
 def check_evaluate_reply(reply: Message, node_id: int) -> None:

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from raffm_core import (
     BudgetError,
+    ImportanceTracker,
     ModelLayout,
     Permutation,
     ServerOptimizer,
@@ -22,18 +23,31 @@ from raffm_core import (
     TrainingProfile,
     Update,
     aggregate_with_coverage,
+    permute_state,
     prioritize_state,
+    rank_units,
     select_subnet,
 )
+from raffm_core.prioritize import L1
 from raffm_core.rolling import rolling_tail_spec
-from raffm_core.task.keys import BASE_CONFIG, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND
+from raffm_core.task.keys import (
+    BASE_CONFIG,
+    CONFIG,
+    IMPORTANCE,
+    LABELS_HELD,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    RECORD_IMPORTANCE,
+    SERVER_ROUND,
+    TAYLOR,
+)
 
 from .evaluation import FederatedEvaluation
 from .instructions import build_instruction
 from .loop import RunLoop
 from .nodes import note_baselines, sample_nodes, spec_seed
 from .records import NodeBudget, Pending, RoundLog, Sent, State
-from .replies import cap_examples, check_train_reply, match_replies
+from .replies import cap_examples, check_train_reply, decode_importance, match_replies
 
 
 class RaFFM(FederatedEvaluation, RunLoop, Strategy):
@@ -92,7 +106,16 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
       sub-models). With ``"proximal-mu"``
       :math:`\mu > 0` the client **must** add FedProx's proximal term
       :math:`\frac{\mu}{2} \| w - w^t \|^2` to its loss, where :math:`w^t`
-      is the sub-model as received.
+      is the sub-model as received. With ``"masked-loss"`` the reply also
+      carries a ``ConfigRecord`` ``"config"`` with ``"labels-held"``, the
+      class ids of the node's training data: a node holding one class has
+      an identically zero loss and is left out of the fusion, and the output
+      rows of the classes a node does not hold are fused without it
+      (HeteroFL's label split). With ``"record-importance"`` (salience
+      ``"taylor"``) it carries an ``ArrayRecord`` ``"importance"``: per layer
+      ``i``, ``"heads.i"`` and ``"ffn.i"``, the per-example first-order Taylor
+      importance of its kept head groups and FFN neurons in its sub-model's
+      order (:class:`raffm_core.importance.TaylorRecorder`).
     * **Evaluate.** The instruction is built as for training. Reply with a
       ``MetricRecord`` ``"metrics"`` holding ``"num-examples"`` and finite
       scores (e.g. ``"loss"``, ``"accuracy"``).
@@ -113,7 +136,12 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         Surviving train replies needed to update the global model (at least 1).
     selection_mode : {"largest", "sample"}
         How :func:`raffm_core.select_subnet` picks a spec within a budget.
-    salience_norm : {"l1", "l2"}
+    salience_norm : {"l1", "l2", "taylor"}
+        The salience units are ranked by: a weight norm (paper Eq. 1), or
+        ``"taylor"``, the first-order Taylor importance the nodes measure in
+        local training, fused over the nodes that held each unit
+        (:class:`raffm_core.ImportanceTracker`); L1 ranks until the first
+        scores arrive, and orders Q/K channels within a head.
     server_optimizer : ServerOptimizer, optional
         The server update; FedAvg if omitted.
     proximal_mu : float
@@ -171,6 +199,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         width_weight_power: float = 0.0,
         rolling_tail: float = 0.0,
         trim_vocab: bool = False,
+        label_keys: tuple[str, ...] = (),
     ) -> None:
         self.layout = layout
         self.base_config = base_config
@@ -204,6 +233,8 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
                 "trimmed (an input-only embedding of the BERT or DistilBERT family)"
             )
         self.trim_vocab = trim_vocab
+        self.label_keys = tuple(label_keys)
+        self.importance = ImportanceTracker(layout) if salience_norm == TAYLOR else None
         self.nodes: dict[int, NodeBudget] = {}
         self.skipped: dict[int, str] = {}
         self.history: dict[int, RoundLog] = {}
@@ -295,11 +326,28 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
             )
             return None, None
         note_baselines(self.nodes, [reply for _, reply in accepted])
-        updates = [update for update, _ in accepted]
+        signal = self._with_signal(server_round, pending, accepted)
+        if len(signal) < self.min_replies:
+            entry.kept_previous = True
+            log(
+                WARNING,
+                "round %d: %d of %d accepted replies carry a training signal, fewer than "
+                "min-replies=%d; keeping the previous global model",
+                server_round,
+                len(signal),
+                len(accepted),
+                self.min_replies,
+            )
+            return None, None
+        updates = [update for update, _ in signal]
         fused, coverage = aggregate_with_coverage(pending.state, updates, self.layout)
         # The optimizer's moments follow the model only once the round is kept.
         if pending.permutation is not None:
             self.server_optimizer.permute(self.layout, pending.permutation)
+            if self.importance is not None:
+                self.importance.permute(pending.permutation)
+        if self.importance is not None:
+            self._fuse_importance(server_round, pending, signal, entry)
         new_state = self.server_optimizer.step(pending.state, fused, coverage)
         metrics = aggregate_metricrecords([reply.content for _, reply in accepted], NUM_EXAMPLES)
         entry.train_metrics = dict(metrics)
@@ -312,7 +360,14 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         RaFFM prioritizes the global model each round; subclasses that keep
         the model in place (:class:`server_app.lora.RaFFMLoRA`) return ``None``.
         """
-        return prioritize_state(arrays.to_torch_state_dict(), self.layout, self.salience_norm)
+        state = arrays.to_torch_state_dict()
+        if self.importance is None:
+            return prioritize_state(state, self.layout, self.salience_norm)
+        fresh = {key: value.clone() for key, value in state.items()}
+        scores = self.importance.salience(fresh, L1)
+        permutation = rank_units(fresh, self.layout, L1, scores=scores)
+        permute_state(fresh, self.layout, permutation)
+        return fresh, permutation
 
     def place_spec(self, spec: SubnetSpec) -> SubnetSpec:
         """The spec sent for a budget's prefix spec (here the prefix itself)."""
@@ -347,6 +402,83 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         return self.profile.with_baseline(node.baseline_mb)
 
     # -------------------------------------------------------------- helpers
+    def _with_signal(
+        self, server_round: int, pending: Pending, accepted: list[tuple[Update, Message]]
+    ) -> list[tuple[Update, Message]]:
+        """The accepted updates that carry a training signal, label rows restricted.
+
+        A reply whose ``labels-held`` names one class (or none) was trained
+        under a masked loss that is identically zero: its weights moved only
+        by weight decay, so it is left out (logged, ``"fused": 0`` in its
+        round entry). The others fuse the output rows of their classes only.
+        """
+        by_node = {s.client.node_id: s.client for s in pending.sent}
+        out = []
+        for update, reply in accepted:
+            config = reply.content.config_records.get(CONFIG)
+            labels = None if config is None else config.get(LABELS_HELD)
+            client = by_node.get(reply.metadata.src_node_id)
+            if labels is not None and len(labels) <= 1:
+                log(
+                    INFO,
+                    "round %d: node %d holds %s only; its masked loss is zero, left out of "
+                    "the fusion",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    f"class {labels[0]}" if labels else "no class",
+                )
+                if client is not None:
+                    client.metrics["fused"] = 0
+                continue
+            if labels is not None:
+                keys = [k for k in self.label_keys if k in pending.state]
+                rows = tuple(sorted({int(x) for x in labels}))
+                update = dataclasses.replace(update, rows={k: rows for k in keys})
+            if client is not None:
+                client.metrics["fused"] = 1
+            out.append((update, reply))
+        return out
+
+    def _fuse_importance(
+        self,
+        server_round: int,
+        pending: Pending,
+        signal: list[tuple[Update, Message]],
+        entry: RoundLog,
+    ) -> None:
+        """Fold the replies' Taylor importance into :attr:`importance` (bad ones are logged)."""
+        started = time.monotonic()
+        contributions, nbytes = [], 0
+        for update, reply in signal:
+            record = reply.content.array_records.get(IMPORTANCE)
+            if record is None:
+                log(
+                    WARNING,
+                    "round %d: node %d sent no importance",
+                    server_round,
+                    reply.metadata.src_node_id,
+                )
+                continue
+            nbytes += record.count_bytes()
+            try:
+                scores = decode_importance(record, update.spec)
+            except ValueError as err:
+                log(
+                    WARNING,
+                    "round %d: importance of node %d ignored: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    err,
+                )
+                continue
+            contributions.append((update.spec, scores, float(update.num_examples)))
+        self.importance.update(contributions)
+        entry.importance = {
+            "replies": len(contributions),
+            "bytes": nbytes,
+            "fuse-s": time.monotonic() - started,
+        }
+
     def _weigh(self, update: Update, spec: SubnetSpec) -> Update:
         if not self.width_weight_power:
             return update
@@ -374,6 +506,8 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         spec = self.place_spec(spec)
         extra = {SERVER_ROUND: server_round, BASE_CONFIG: self.base_config}
         extra[PROXIMAL_MU] = float(self.proximal_mu)
+        if self.importance is not None and kind == MessageType.TRAIN:
+            extra[RECORD_IMPORTANCE] = True
         sent = build_instruction(node, spec, state, self.layout, config, extra, kind)
         sent.client.fit_baseline_mb = node.baseline_mb
         plain = dataclasses.replace(self.node_profile(node), margin=0.0)  # the estimate itself

@@ -25,13 +25,16 @@ def test_round_zero_is_the_prefix_and_widths_are_kept(layout):
             assert width_count(layer.ffn) == 15
 
 
-def test_windows_wrap_around_and_cover_every_unit(layout):
+def test_windows_advance_one_unit_per_round_and_cover_every_unit(layout):
+    # FedRolex's reference code: the window of every axis moves by one unit a round.
     widths = R.SubnetSpec.uniform(2, 1, 10)
     heads, ffn = set(), set()
-    for t in range(4):
+    for t in range(31):
         layer = rolling_spec(layout, widths, t).layers[0]
-        heads |= set(range(layer.heads)) if isinstance(layer.heads, int) else set(layer.heads)
-        ffn |= set(range(layer.ffn)) if isinstance(layer.ffn, int) else set(layer.ffn)
+        assert _units(layer.ffn) == {(t + i) % 40 for i in range(10)}
+        assert _units(layer.heads) == {t % 4}
+        heads |= _units(layer.heads)
+        ffn |= _units(layer.ffn)
     assert heads == set(range(4))
     assert ffn == set(range(40))
     assert rolling_spec(layout, widths, 3).layers[0].heads == (3,)

