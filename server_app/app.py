@@ -54,9 +54,11 @@ from .outputs import (
     VALIDATION_PREFIX,
     prepare_results_dir,
     save_model,
+    write_json,
     write_outputs,
     write_status,
 )
+from .tiers import score_tiers
 
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
@@ -257,13 +259,16 @@ def _federate(grid: Grid, cfg: RunConfig, out: Path, started: float) -> dict[str
         last_round=cfg.num_server_rounds,
     )
     strategy = build_strategy(cfg, model, lora, task.tokens_per_example(cfg.max_length))
-    try:  # the simulated nodes' budgets; a deployed node's own budget is checked when it answers
+    # The simulated nodes' budgets (a deployed node's own budget is checked when it
+    # answers); fedavg-train-all trains every node whatever its budget.
+    if not getattr(strategy, "train_all", False):
         # Under vocab-trim a node's rows are known only once it answers: check the
         # least it could need (one row) here, and each node's own rows then.
         rows = 1 if getattr(strategy, "trim_vocab", False) else None
-        check_budgets(strategy.layout, cfg.budget_tiers, strategy.profile, vocab=rows)
-    except BudgetError as err:
-        raise NothingToTrain(f"budget-profile = {cfg.budget_profile!r}: {err}") from err
+        try:
+            check_budgets(strategy.layout, cfg.budget_tiers, strategy.profile, vocab=rows)
+        except BudgetError as err:
+            raise NothingToTrain(f"budget-profile = {cfg.budget_profile!r}: {err}") from err
     initial = ArrayRecord(lora.state() if lora else model.state_dict())
     checkpointer = Checkpointer(cfg, checkpoint_path(cfg, out), strategy, evaluator)
     last_round = 0
@@ -321,6 +326,18 @@ def _federate(grid: Grid, cfg: RunConfig, out: Path, started: float) -> dict[str
         if evaluator.best_state is not None:
             evaluator.load(evaluator.best_state)
             save_model(evaluator.export(), tokenizer, out / "best-model")
+    if cfg.score_tiers and lora is None:
+        tiers = score_tiers(strategy, final, evaluator.loader, splits.task, tokenizer)
+        write_json(out / "tiers.json", tiers)
+        for tier in tiers:
+            log(
+                INFO,
+                "tier %s: %.2f of the body, %s %.4f",
+                tier["budget"],
+                tier["body-fraction"],
+                splits.task.primary_metric,
+                tier[splits.task.primary_metric],
+            )
     summary = write_outputs(
         out,
         cfg,

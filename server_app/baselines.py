@@ -81,7 +81,7 @@ class FullModelFedAvg(_Unprioritized):
         )
 
     def choose_spec(self, node: NodeBudget, server_round: int, stage: str) -> SubnetSpec:
-        """The full model's spec.
+        """The full model's spec (the whole body; under ``trim_vocab`` the node's token rows).
 
         Raises
         ------
@@ -89,6 +89,8 @@ class FullModelFedAvg(_Unprioritized):
             Without ``train_all``, if the node's budget cannot hold the full model.
         """
         full = self.layout.full_spec()
+        if self.trim_vocab:  # the whole body on the node's own token rows, as every row gets
+            full = full.with_vocab(node.vocab)
         if self.train_all:
             return full
         cost = node.budget.cost(self.layout, full, self.node_profile(node))

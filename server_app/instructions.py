@@ -41,4 +41,5 @@ def build_instruction(
         params / layout.total_params,
         arrays.count_bytes(),
     )
+    client.body_fraction = layout.elastic_fraction(spec)
     return Sent(message, spec, client)

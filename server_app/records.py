@@ -56,6 +56,7 @@ _CLIENT_FIELDS = frozenset(
         "ffn-per-layer",
         "params",
         "params-fraction",
+        "body-fraction",
         "bytes-down",
         "bytes-up",
         "status",
@@ -92,6 +93,7 @@ class ClientRound:
     fit_baseline_mb: float | None = None
     predicted_mb: float | None = None
     reply_after_s: float | None = None  # from the push of the instruction to its reply's arrival
+    body_fraction: float | None = None  # share of the heads' and FFN neurons' parameters held
 
     def to_dict(self) -> dict[str, Any]:
         """As ``rounds.json`` and the checkpoint hold it (:meth:`from_dict` inverts it).
@@ -113,6 +115,7 @@ class ClientRound:
             "ffn-per-layer": ffn,
             "params": self.params,
             "params-fraction": self.params_fraction,
+            "body-fraction": self.body_fraction,
             "bytes-down": self.bytes_down,
             "bytes-up": self.bytes_up,
             "status": self.status,
@@ -137,6 +140,7 @@ class ClientRound:
             bytes_up=data["bytes-up"],
             status=data["status"],
             reason=data["reason"],
+            body_fraction=data.get("body-fraction"),
             metrics={k: v for k, v in data.items() if k not in _CLIENT_FIELDS},
             fit_baseline_mb=data.get("fit-baseline-mb"),  # absent before issue 12
             predicted_mb=data.get("predicted-mb"),

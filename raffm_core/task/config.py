@@ -172,6 +172,7 @@ class RunConfig:
     results_dir: str = "results"
     save_models: bool = True
     save_round_models: bool = False
+    score_tiers: bool = False
     # checkpoints (server_app/checkpoint.py)
     checkpoint_dir: str = ""
     resume: bool = False
@@ -314,11 +315,12 @@ class RunConfig:
     def trims_vocab(self) -> bool:
         """Whether sub-models keep only their node's token-embedding rows.
 
-        ``vocab-trim`` applies to the sub-model strategies under full
-        fine-tuning; FedAvg sends the full model, and under LoRA a node
-        reads its frozen base weights itself.
+        ``vocab-trim`` applies to every strategy under full fine-tuning
+        (FedAvg sends the whole body on the node's own token rows, so a
+        comparison with it measures the body, not the trimming); under LoRA a
+        node reads its frozen base weights itself.
         """
-        return self.vocab_trim and self.strategy != FEDAVG and self.peft == NO_PEFT
+        return self.vocab_trim and self.peft == NO_PEFT
 
     @property
     def budget_tiers(self) -> tuple[str, ...]:
