@@ -68,12 +68,16 @@ class TaylorRecorder:
             x = args[0]
             if not x.requires_grad:
                 return None
+            # The gradient hook holds the activation's data, never ``x`` itself: a hook
+            # on ``x`` that referred to ``x`` would be a reference cycle, and every
+            # step's activations would stay alive until the garbage collector ran.
+            a = x.detach()
 
             def on_grad(g: torch.Tensor) -> None:
-                per_channel = (x.detach() * g).to(torch.float64)
-                per_example = per_channel.reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+                per_channel = (a * g).to(torch.float64)
+                per_example = per_channel.reshape(a.shape[0], -1, a.shape[-1]).sum(1)
                 if kind == "attn_out":
-                    units = per_example.reshape(x.shape[0], -1, self._block).sum(-1)
+                    units = per_example.reshape(a.shape[0], -1, self._block).sum(-1)
                     self.scores[layer][0][: units.shape[1]] += units.abs().sum(0)
                 else:
                     self.scores[layer][1][: per_example.shape[1]] += per_example.abs().sum(0)

@@ -265,12 +265,17 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         entry = RoundLog(server_round, started, [s.client for s in pending.sent], excluded=excluded)
         entry.lap("configure-s")
         self.history[server_round] = entry
+        narrowed = sum(s.client.body_fraction < 1.0 for s in pending.sent)
         log(
             INFO,
-            "configure_train: %d of %d eligible nodes, sub-models of %s params",
+            "configure_train: %d of %d eligible nodes, sub-models of %s params; "
+            "%d of %d train a narrowed body (heads and FFN: %s)",
             len(pending.sent),
             len(eligible),
             ", ".join(f"{s.client.params_fraction:.2f}" for s in pending.sent) or "no",
+            narrowed,
+            len(pending.sent),
+            ", ".join(f"{s.client.body_fraction:.2f}" for s in pending.sent) or "-",
         )
         return [s.message for s in pending.sent]
 

@@ -1,142 +1,171 @@
-"""scripts/benchmark.py's bookkeeping: tables from run folders, and runs with lost replies.
-
-The runs are folders written here with hand-chosen numbers; the expected
-figures (means, sample standard deviations, paired differences) are worked
-out by hand in the tests.
-"""
+"""The evidence benchmark's protocol, fixed test set, statistics and report (no runs)."""
 
 from __future__ import annotations
 
 import csv
+import gzip
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "benchmark_script", ROOT / "scripts" / "benchmark.py"
-)
+_spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
 benchmark = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = benchmark
+sys.modules["benchmark"] = benchmark
 _spec.loader.exec_module(benchmark)
 
-FED = "cross-silo-10"
+METHOD_KEYS = {"strategy", "salience-norm", "selection-mode", "rolling-step", "fedavg-train-all"}
+"""Run-config keys that make a row the method it is; every other key is the shared recipe."""
 
 
-def write_run(out: Path, row: str, seed: int, final: float, chosen: float, statuses=("accepted",)):
-    folder = benchmark.run_dir(out, FED, row, seed)
+@pytest.fixture(scope="module")
+def protocol():
+    return benchmark.load_protocol(benchmark.PROTOCOL)
+
+
+def test_every_row_but_the_labelled_ablation_trims_the_vocabulary(protocol):
+    for name, row in protocol.rows.items():
+        extra = set(row.config) - METHOD_KEYS
+        if name == "raffm-whole-vocab":
+            assert row.kind == "ablation" and row.config["vocab-trim"] is False
+            assert extra == {"vocab-trim"}
+        else:
+            assert not extra, f"row {name} differs from the recipe in {extra}"
+    assert protocol.recipe["vocab-trim"] is True
+
+
+def test_tight_federations_bind_and_loose_ones_are_kept(protocol):
+    assert {
+        "cross-device-100-tight",
+        "cross-silo-10-tight",
+        "cross-device-100",
+        "cross-silo-10",
+    } <= set(protocol.federations)
+    for name in ("cross-device-100-tight", "cross-silo-10-tight"):
+        assert protocol.federations[name].config["budget-profile"] == (
+            "params=0.30,params=0.35,params=0.40"
+        )
+    assert len(protocol.seeds) >= 5
+
+
+def test_an_unknown_run_config_key_names_its_entry(tmp_path, protocol):
+    text = benchmark.PROTOCOL.read_text().replace(
+        'strategy = "heterofl"', 'strategy = "heterofl"\nlearning-rate = 1e-3'
+    )
+    path = tmp_path / "protocol.toml"
+    path.write_text(text)
+    with pytest.raises(benchmark.ProtocolError, match=r"row heterofl has unknown .*learning-rate"):
+        benchmark.load_protocol(path)
+
+
+def test_the_test_set_is_fixed_stratified_and_disjoint_from_training(tmp_path, protocol):
+    source = tmp_path / "corpus.csv"
+    with open(source, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "text"])
+        writer.writerows([[1 if i % 4 else -1, f"sentence {i}"] for i in range(400)])
+    test_set = {"source": str(source), "examples": 100, "seed": 0, "folder": str(tmp_path / "d")}
+    mine = benchmark.Protocol(
+        protocol.path, [1, 2], test_set, protocol.recipe, protocol.federations, protocol.rows
+    )
+    train, test = benchmark.prepare_data(mine)
+    first = test.read_text()
+    with open(test) as f:
+        rows = list(csv.reader(f))[1:]
+    with open(train) as f:
+        train_rows = list(csv.reader(f))[1:]
+    assert len(rows) == 100 and len(train_rows) == 300
+    assert sum(r[0] == "-1" for r in rows) == 25  # the corpus's label shares
+    assert not {r[1] for r in rows} & {r[1] for r in train_rows}
+    test.unlink()
+    assert benchmark.prepare_data(mine)[1].read_text() == first  # the same draw again
+    a, _ = benchmark.run_config(mine, "cross-silo-10-tight", "raffm", 1, False, {})
+    b, _ = benchmark.run_config(mine, "cross-silo-10-tight", "heterofl", 2, False, {})
+    assert a["test-split"] == b["test-split"] == str(test)
+    assert a["eval-max-examples"] == 0  # scored whole
+
+
+def test_centralized_is_one_node_with_the_federations_steps_a_round(protocol):
+    config, nodes = benchmark.run_config(
+        protocol, "cross-device-100-tight", "centralized", 1, False, {}
+    )
+    fed = protocol.federations["cross-device-100-tight"].config
+    assert nodes == 1 and config["partitioner"] == "iid"
+    assert config["local-steps"] == fed["min-train-nodes"] * protocol.recipe["local-steps"]
+
+
+def test_t_interval_matches_the_textbook_formula():
+    mean, lo, hi = benchmark.t_interval([0.01, 0.02, 0.03])
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t(0.975, df=2)
+    assert mean == pytest.approx(0.02)
+    assert (lo, hi) == pytest.approx((0.02 - half, 0.02 + half))
+    assert benchmark.t_interval([0.5]) is None
+
+
+def _fake_run(out: Path, row: str, seed: int, accuracy: float, config: dict) -> None:
+    folder = benchmark.run_dir(out, "cross-silo-10-tight", row, seed)
     folder.mkdir(parents=True)
-    clients = [{"status": s, "bytes-down": 10, "bytes-up": 10} for s in statuses]
-    rounds = [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": final, "clients": clients}]
-    summary = {
-        "rounds": 1,
-        "final-accuracy": final,
-        "best-round": 1,
-        "best-accuracy": chosen,
-        "mean-client-params-fraction": 0.7,
-        "communication-ratio": 0.7,
-        "clients-excluded": 0,
-    }
-    (folder / "rounds.json").write_text(json.dumps(rounds))
-    (folder / "summary.json").write_text(json.dumps(summary))
-    (folder / "run.log").write_text("WARNING : reply from node 7 rejected: error reply (OOM)\n")
-    return folder
+    (folder / "summary.json").write_text(
+        json.dumps({"final-accuracy": accuracy, "mean-client-params-fraction": 0.35})
+    )
+    rounds = [
+        {"round": 0, "accuracy": 0.5},
+        {
+            "round": 1,
+            "accuracy": accuracy,
+            "clients": [
+                {
+                    "bytes-down": 10,
+                    "bytes-up": 10,
+                    "body-fraction": 0.6,
+                    "fused": 1,
+                    "status": "accepted",
+                },
+                {
+                    "bytes-down": 10,
+                    "bytes-up": 10,
+                    "body-fraction": 0.8,
+                    "fused": 0,
+                    "status": "accepted",
+                },
+            ],
+        },
+    ]
+    with gzip.open(folder / "rounds.json.gz", "wt") as f:
+        json.dump(rounds, f)
+    (folder / "run-config.json").write_text(json.dumps({**config, "seed": seed}))
+    tiers = [{"budget": "params=0.3", "body-fraction": 0.55, "accuracy": accuracy - 0.1}]
+    (folder / "tiers.json").write_text(json.dumps(tiers))
+    (folder / benchmark.DONE).write_text(json.dumps({"wall-time-s": 60.0}))
 
 
-def test_summary_has_mean_sd_paired_differences_and_gap_to_the_ceiling(tmp_path):
-    for seed, (r, h, c) in enumerate([(0.70, 0.72, 0.80), (0.60, 0.55, 0.80), (0.80, 0.83, 0.86)]):
-        write_run(tmp_path, "raffm", seed + 1, r, r)
-        write_run(tmp_path, "heterofl", seed + 1, h, h - 0.01)
-        write_run(tmp_path, "centralized", seed + 1, c, c)
-    rows = ["raffm", "heterofl", "centralized"]
-    records = benchmark.report(tmp_path, [FED], rows, [1, 2, 3], [])
-    assert len(records) == 9
+def test_the_report_pairs_seeds_counts_wins_and_diffs_configs(tmp_path, protocol):
+    mine = benchmark.Protocol(
+        protocol.path,
+        [1, 2, 3],
+        protocol.test_set,
+        protocol.recipe,
+        protocol.federations,
+        protocol.rows,
+    )
+    raffm = {1: 0.80, 2: 0.70, 3: 0.75}
+    hetero = {1: 0.78, 2: 0.71, 3: 0.70}
+    for seed in raffm:
+        _fake_run(tmp_path, "raffm", seed, raffm[seed], {"strategy": "raffm", "lr": 1e-4})
+        _fake_run(tmp_path, "heterofl", seed, hetero[seed], {"strategy": "heterofl", "lr": 1e-4})
+    benchmark.plot = lambda *a, **k: None  # no figures in a unit test
+    records = benchmark.report(tmp_path, mine, ["cross-silo-10-tight"], ["raffm", "heterofl"], [])
+    assert len(records) == 6 and records[0]["left-out"] == 1
+    assert records[0]["body-fraction"] == pytest.approx(0.7)
+    text = (tmp_path / "summary.md").read_text()
+    diffs = [hetero[s] - raffm[s] for s in (1, 2, 3)]
+    mean, lo, hi = benchmark.t_interval(diffs)
+    assert f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] (inside the noise)" in text
+    assert "| 1 of 3 |" in text
+    assert '`strategy="heterofl"`' in text and "`lr=" not in text
     with open(tmp_path / "results.csv") as f:
-        table = list(csv.DictReader(f))
-    assert [(t["strategy"], t["seed"], t["final-accuracy"]) for t in table[:2]] == [
-        ("raffm", "1", "0.7000"),
-        ("raffm", "2", "0.6000"),
-    ]
-    lines = {line.split(" | ")[0]: line for line in benchmark.summary_table(records, FED, rows)}
-    hetero = lines["| heterofl"]
-    # mean (0.72+0.55+0.83)/3 = 0.700; sd = sqrt(((.02)^2+(.15)^2+(.13)^2)/2) = 0.1411
-    assert "0.700 ± 0.141" in hetero
-    assert "0.690 ± 0.141" in hetero  # at the round chosen on validation
-    assert "1: +0.020, 2: -0.050, 3: +0.030" in hetero and "2 of 3" in hetero
-    # ceiling mean (0.80+0.80+0.86)/3 = 0.82; raffm mean 0.70 -> gap -0.120
-    assert lines["| raffm"].endswith("| -0.120 |")
-
-
-def test_a_run_with_rejected_replies_is_counted_and_its_reasons_read(tmp_path):
-    clean = write_run(tmp_path, "raffm", 1, 0.7, 0.7)
-    lossy = write_run(tmp_path, "heterofl", 1, 0.5, 0.5, ("accepted", "rejected", "rejected"))
-    assert benchmark.rejected_replies(clean) == 0
-    assert benchmark.rejected_replies(lossy) == 2
-    assert "error reply (OOM)" in benchmark.rejected_reasons(lossy)
-
-
-def test_set_aside_runs_are_not_reported(tmp_path):
-    folder = write_run(tmp_path, "raffm", 1, 0.7, 0.7)
-    folder.rename(folder.with_name("seed-1.set-aside-20261202-101500"))
-    assert benchmark.collect(tmp_path, [FED], ["raffm"], [1]) == []
-
-
-@pytest.mark.parametrize("row", ["raffm-tail", "heterofl-scaler"])
-def test_variant_rows_differ_from_their_base_only_in_their_keys(row):
-    """(The ``raffm`` row also keeps its final model, for the zero-shot ablation.)"""
-    base = benchmark.run_overrides(FED, benchmark.VARIANTS[row]["strategy"], 1, False, {})
-    variant = benchmark.run_overrides(FED, row, 1, False, {})
-    changed = {k: v for k, v in variant.items() if base.get(k) != v and k != "save-models"}
-    declared = {k: v for k, v in benchmark.VARIANTS[row].items() if k != "strategy"}
-    assert changed == {k: v for k, v in declared.items() if base.get(k) != v}
-    assert changed, "a variant identical to its base row measures nothing"
-
-
-@pytest.mark.parametrize(
-    "row, profile, expected",
-    [
-        ("fedavg", "params=0.6,params=0.7,params=0.8", True),  # nobody trains: scored untrained
-        ("fedavg", "params=0.6,params=1.0", False),  # the full-budget clients train
-        ("fedavg", "memory-mb=900", False),  # memory budgets: the run decides
-        ("fedavg-train-all", "params=0.6", False),  # trains everyone regardless
-        ("heterofl", "params=0.6", False),
-    ],
-)
-def test_fedavg_without_a_client_that_holds_the_full_model_is_scored_untrained(
-    row, profile, expected
-):
-    overrides = benchmark.run_overrides(FED, row, 1, False, {"budget-profile": profile})
-    assert benchmark.nobody_holds_the_full_model(overrides) is expected
-
-
-def test_zero_shot_table_reports_each_seeds_medians_and_which_is_higher(tmp_path):
-    for seed, (pri, rnd) in enumerate([(0.70, 0.55), (0.60, 0.60), (0.50, 0.52)], start=1):
-        folder = write_run(tmp_path, "raffm", seed, 0.7, 0.7) / "zero-shot"
-        folder.mkdir()
-        stats = {"prioritized": {"median": pri}, "unprioritized": {"median": rnd}}
-        (folder / "ablation.json").write_text(json.dumps({"full-model": 0.75, "stats": stats}))
-    lines = benchmark.zero_shot_table(tmp_path, [FED], ["raffm"], [1, 2, 3, 4])
-    rows = [line for line in lines if line.startswith(f"| {FED}")]
-    assert rows == [
-        f"| {FED} | raffm | 1 | weights (L1) |  | 0.7500 | 0.7000 | 0.5500 | prioritized |",
-        f"| {FED} | raffm | 2 | weights (L1) |  | 0.7500 | 0.6000 | 0.6000 | tie |",
-        f"| {FED} | raffm | 3 | weights (L1) |  | 0.7500 | 0.5000 | 0.5200 | random order |",
-    ]
-    assert benchmark.zero_shot_table(tmp_path / "none", [FED], ["raffm"], [1]) == []
-    # A run without a final model gets no ablation (and no error).
-    write_run(tmp_path, "raffm", 5, 0.7, 0.7)
-    assert benchmark.zero_shot(tmp_path, FED, "raffm", 5, quick=True) is None
-    assert benchmark.keeps_models("raffm") and not benchmark.keeps_models("heterofl")
-
-
-def test_quick_runs_every_row_on_a_small_federation():
-    for name in benchmark.FEDERATIONS:
-        fed = benchmark.federation_of(name, quick=True)
-        assert fed.nodes == min(benchmark.FEDERATIONS[name].nodes, benchmark.QUICK_NODES)
-        assert fed.overrides["min-available-nodes"] == fed.nodes and fed.rounds == 2
-        assert benchmark.federation_of(name, quick=False) is benchmark.FEDERATIONS[name]
-    overrides = benchmark.run_overrides("cross-device-100", "raffm", 1, True, {})
-    assert overrides["num-server-rounds"] == 2 and overrides["local-steps"] == 1
+        assert len(list(csv.DictReader(f))) == 6

@@ -352,3 +352,26 @@ def test_taylor_strategy_asks_for_importance_and_ranks_by_it():
     for layer, kept in zip(permutation.layers, widest.layers, strict=True):
         n = R.spec.width_count(kept.ffn)
         assert layer.ffn[0].item() == n - 1  # the unit every holder scored highest leads
+
+
+def test_recording_keeps_no_activation_alive_after_its_step():
+    """Without the garbage collector, a step's activations are freed when its graph is."""
+    import gc
+    import weakref
+
+    model = tiny_model("bert")
+    batch = {**tiny_inputs("bert", batch=4), "labels": torch.tensor([0, 1, 2, 1])}
+    seen = []
+    module = model.bert.encoder.layer[0].output.dense  # the FFN output projection
+    spy = module.register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
+    gc.disable()
+    try:
+        with record_taylor(model) as recorder:
+            for _ in range(3):
+                model(**batch).loss.backward()
+                recorder.count(4)
+        assert seen and all(ref() is None for ref in seen)
+    finally:
+        gc.enable()
+        spy.remove()
+    assert float(recorder.scores[0][1].sum()) > 0

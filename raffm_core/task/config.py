@@ -141,7 +141,7 @@ class RunConfig:
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     # budgets and sub-network selection
-    budget_profile: str = "params=0.7,params=0.8,params=0.9,params=1.0"
+    budget_profile: str = "params=0.35,params=0.4,params=0.5,params=1.0"
     budget_assignment: str = "round-robin"
     selection_mode: str = LARGEST
     salience_norm: str = L1
