@@ -47,7 +47,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ROOT / "benchmarks" / "evidence" / "protocol.toml"
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
-KINDS = ("method", "bound", "ablation")
+KINDS = ("method", "bound", "ablation", "candidate")
+"""``candidate``: a variant of a method row, compared on the validation split only."""
 DONE = "cost.json"
 """Written last by a run that finished and passed its checks: the run is reused."""
 
@@ -328,6 +329,7 @@ def collect(out: Path, feds: list[str], rows: list[str], seeds: list[int]) -> li
                         "row": row,
                         "seed": seed,
                         "final-accuracy": summary.get("final-accuracy"),
+                        "final-val-accuracy": _last(rounds, "val-accuracy"),
                         "val-best-round": summary.get("best-round"),
                         "test-accuracy-at-val-best": summary.get("best-accuracy"),
                         "params-fraction": summary.get("mean-client-params-fraction"),
@@ -341,6 +343,12 @@ def collect(out: Path, feds: list[str], rows: list[str], seeds: list[int]) -> li
                     }
                 )
     return records
+
+
+def _last(rounds: list[dict], key: str) -> float | None:
+    """The last round's value of ``key`` among the evaluated rounds."""
+    values = [r[key] for r in rounds if key in r]
+    return values[-1] if values else None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -425,6 +433,27 @@ def summary_table(records: list[dict], fed: str, rows: list[str], protocol: Prot
     return lines + [""]
 
 
+def validation_table(records: list[dict], fed: str, rows: list[str]) -> list[str]:
+    """The last round's validation accuracy per row and seed: what variants are chosen on."""
+    mine = [r for r in records if r["federation"] == fed and r["final-val-accuracy"] is not None]
+    if not mine:
+        return []
+    lines = [
+        f"Validation accuracy of the last round ({fed}; the split carved from the training "
+        "data, what variants are chosen on):",
+        "",
+        "| row | seeds | mean ± sd | per seed |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        runs = sorted((r for r in mine if r["row"] == row), key=lambda r: r["seed"])
+        if runs:
+            mean, sd = mean_sd([r["final-val-accuracy"] for r in runs])
+            per_seed = ", ".join(f"{r['seed']}: {r['final-val-accuracy']:.4f}" for r in runs)
+            lines.append(f"| {row} | {len(runs)} | {mean:.4f} ± {sd:.4f} | {per_seed} |")
+    return lines + [""]
+
+
 def _tier_means(runs: list[dict]) -> str:
     by_budget: dict[str, list[float]] = {}
     fraction: dict[str, list[float]] = {}
@@ -499,6 +528,7 @@ def report(out: Path, protocol: Protocol, feds: list[str], rows: list[str], argv
         "row",
         "seed",
         "final-accuracy",
+        "final-val-accuracy",
         "val-best-round",
         "test-accuracy-at-val-best",
         "params-fraction",
@@ -527,6 +557,7 @@ def report(out: Path, protocol: Protocol, feds: list[str], rows: list[str], argv
     ]
     for fed in feds:
         lines += summary_table(records, fed, rows, protocol)
+        lines += validation_table(records, fed, rows)
     costs = [r["wall-time-s"] for r in records if r.get("wall-time-s")]
     if costs:
         lines.append(

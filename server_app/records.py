@@ -189,6 +189,9 @@ class RoundLog:
     ``aggregate-s`` (validate, fuse), ``evaluate-wait-s`` (federated evaluation, if any),
     ``central-evaluate-s``."""
     importance: dict[str, float] = field(default_factory=dict)
+    reorder: dict[str, float] = field(default_factory=dict)
+    """Prioritizing strategies: how much of the narrowest prefix stayed in place
+    (:func:`server_app.strategy.prefix_kept`)."""
     """Salience ``taylor``: replies whose importance was fused, their bytes, seconds spent."""
     _lap_at: float | None = field(default=None, repr=False, compare=False)
 
@@ -215,6 +218,7 @@ class RoundLog:
             "train-metrics": self.train_metrics,
             "federated-evaluation": self.evaluate_metrics,
             **({"importance": self.importance} if self.importance else {}),
+            **({"reorder": self.reorder} if self.reorder else {}),
             "clients": [c.to_dict() for c in self.clients],
         }
 
@@ -232,6 +236,7 @@ class RoundLog:
             excluded={int(e["node"]): e["reason"] for e in data["clients-excluded"]},
             phases=dict(data.get("phases-s", {})),  # absent from checkpoints before it existed
             importance=dict(data.get("importance", {})),
+            reorder=dict(data.get("reorder", {})),
         )
 
 

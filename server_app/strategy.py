@@ -30,6 +30,7 @@ from raffm_core import (
 )
 from raffm_core.prioritize import L1
 from raffm_core.rolling import rolling_tail_spec
+from raffm_core.spec import width_count
 from raffm_core.task.keys import (
     BASE_CONFIG,
     CONFIG,
@@ -48,6 +49,24 @@ from .loop import RunLoop
 from .nodes import note_baselines, sample_nodes, spec_seed
 from .records import NodeBudget, Pending, RoundLog, Sent, State
 from .replies import cap_examples, check_train_reply, decode_importance, match_replies
+
+
+def prefix_kept(permutation: Permutation, specs: list[SubnetSpec]) -> dict[str, float]:
+    """How much of the narrowest sent prefix the round's reordering left in place.
+
+    Per axis, over layers: the share of the units at positions ``0..k-1`` after
+    the reordering that were already there before (``k``: the narrowest width
+    sent this round on that axis in that layer). 1.0: the smallest
+    sub-model trains the same units as last round; lower values mean the
+    salience order is churning.
+    """
+    shares: dict[str, list[float]] = {"heads": [], "ffn": []}
+    for i, layer in enumerate(permutation.layers):
+        for axis, order in (("heads", layer.heads), ("ffn", layer.ffn)):
+            k = min(width_count(getattr(s.layers[i], axis)) for s in specs)
+            if k < len(order):
+                shares[axis].append(float((order[:k] < k).float().mean()))
+    return {f"{axis}-kept": sum(v) / len(v) for axis, v in shares.items() if v}
 
 
 class RaFFM(FederatedEvaluation, RunLoop, Strategy):
@@ -264,6 +283,8 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         self._pending = pending
         entry = RoundLog(server_round, started, [s.client for s in pending.sent], excluded=excluded)
         entry.lap("configure-s")
+        if permutation is not None and pending.sent:
+            entry.reorder = prefix_kept(permutation, [s.spec for s in pending.sent])
         self.history[server_round] = entry
         narrowed = sum(s.client.body_fraction < 1.0 for s in pending.sent)
         log(

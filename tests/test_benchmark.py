@@ -18,7 +18,14 @@ benchmark = importlib.util.module_from_spec(_spec)
 sys.modules["benchmark"] = benchmark
 _spec.loader.exec_module(benchmark)
 
-METHOD_KEYS = {"strategy", "salience-norm", "selection-mode", "rolling-step", "fedavg-train-all"}
+METHOD_KEYS = {
+    "strategy",
+    "salience-norm",
+    "selection-mode",
+    "rolling-step",
+    "rolling-tail",
+    "fedavg-train-all",
+}
 """Run-config keys that make a row the method it is; every other key is the shared recipe."""
 
 
