@@ -26,6 +26,8 @@ METHOD_KEYS = {
     "rolling-tail",
     "fedavg-train-all",
 }
+RECIPE_CANDIDATES = {"raffm-scaler", "heterofl-scaler", "raffm-tail50-scaler"}
+"""Candidate rows that try another recipe value (``width-scaler``) on validation."""
 """Run-config keys that make a row the method it is; every other key is the shared recipe."""
 
 
@@ -37,7 +39,9 @@ def protocol():
 def test_every_row_but_the_labelled_ablation_trims_the_vocabulary(protocol):
     for name, row in protocol.rows.items():
         extra = set(row.config) - METHOD_KEYS
-        if name == "raffm-whole-vocab":
+        if name in RECIPE_CANDIDATES:
+            assert row.kind == "candidate" and extra == {"width-scaler"}
+        elif name == "raffm-whole-vocab":
             assert row.kind == "ablation" and row.config["vocab-trim"] is False
             assert extra == {"vocab-trim"}
         else:
