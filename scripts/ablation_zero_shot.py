@@ -206,7 +206,7 @@ def run_ablation(
     elif salience != "weights":
         raise ValueError(f"salience must be one of {SALIENCE}, got {salience!r}")
     permute_state(
-        prioritized, layout, rank_units(prioritized, layout, cfg.salience_norm, unit_scores)
+        prioritized, layout, rank_units(prioritized, layout, cfg.weight_norm, unit_scores)
     )
     full_score = evaluate_model(model, loader, task)[metric]
     log(f"full model: {metric} {full_score:.4f} on {len(held_out)} held-out examples")

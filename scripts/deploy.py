@@ -112,7 +112,7 @@ def load_trained(model_dir: Path, cfg: RunConfig, batch_size: int, seq_len: int)
     """Load, prioritize and prepare evaluation of the trained model in ``model_dir``."""
     config = transformers.AutoConfig.from_pretrained(model_dir)
     model = model_class(config).from_pretrained(model_dir).eval()
-    prioritize(model, cfg.salience_norm)
+    prioritize(model, cfg.weight_norm)
     image = is_image_model(str(model_dir))
     preprocessor = load_pixel_processor(str(model_dir)) if image else load_tokenizer(str(model_dir))
     splits = load_run_splits(cfg)  # the run's task: labelled text, images, QA, instructions

@@ -93,7 +93,7 @@ def diagnose(model_dir: Path, cfg: RunConfig, log=print) -> list[dict]:
     layout = describe(model)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if cfg.strategy == "raffm":  # what the server sends: the model in salience order
-        permute_state(state, layout, rank_units(state, layout, cfg.salience_norm))
+        permute_state(state, layout, rank_units(state, layout, cfg.weight_norm))
     records = [{"model": "full", "split": split_name, **score(model, loader)}]
     log(_line(records[-1]))
     budgets = [b.strip() for b in cfg.budget_profile.split(",") if b.strip()]

@@ -57,7 +57,7 @@ def curve(task, cfg, budget, lr, scaler, steps, chunks, train, val) -> list[dict
     if budget != "full":
         layout = describe(model)
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        permute_state(state, layout, rank_units(state, layout, cfg.salience_norm))
+        permute_state(state, layout, rank_units(state, layout, cfg.weight_norm))
         spec = select_subnet(layout, budget, "largest", seed=0)
         model = build_submodel(base_config(model), spec, extract_state_dict(state, layout, spec))
     points = [{"steps": 0, **score(model, val)}]

@@ -107,7 +107,7 @@ def build_strategy(
         min_available_nodes=cfg.min_available_nodes,
         min_replies=cfg.min_replies,
         selection_mode=cfg.selection_mode,
-        salience_norm=cfg.salience_norm,
+        salience_norm=cfg.salience,
         server_optimizer=optimizer,
         proximal_mu=cfg.proximal_mu,
         profile=profile,
@@ -220,7 +220,7 @@ def _federate(grid: Grid, cfg: RunConfig, out: Path, started: float) -> dict[str
     model = task.load_model(cfg.seed)
     lora = None
     if cfg.peft == "lora":
-        lora = LoraGlobalModel(model, lora_settings(cfg), cfg.salience_norm, cfg.seed)
+        lora = LoraGlobalModel(model, lora_settings(cfg), cfg.salience, cfg.seed)
         log(
             INFO,
             "LoRA: rank %d on %s, %d adapter parameters; the base stays frozen on the nodes",

