@@ -38,7 +38,6 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from raffm_core.task.config import RunConfig  # noqa: E402
+from raffm_core.task.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
 
 ROWS: dict[str, dict[str, Any]] = {
     "raffm": {"strategy": "raffm"},
@@ -234,15 +233,17 @@ def write_tables(rows: list[Row], out: Path, header: str) -> None:
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs (TOML values) as a mapping; some keys have their own option."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected key=value")
+    """``--set key=value`` items (:func:`raffm_core.task.config.parse_overrides`).
+
+    Some keys have their own option or are set per row: they are refused here.
+    """
+    try:
+        out = parse_overrides(items)
+    except ConfigError as err:
+        raise SystemExit(f"--set: {err}") from None
+    for key in out:
         if key in SET_BY_OPTIONS:
             raise SystemExit(f"--set {key}: set by this script or its own option, not by --set")
-        out[key] = tomllib.loads(f"v = {value}")["v"]
     return out
 
 
