@@ -9,6 +9,7 @@ The method as a library, with no Flower import, in the paper's order:
 ``budget``      resource budgets and the training / inference memory models
 ``select``      the sub-network a budget allows
 ``extract``     cutting a real, smaller sub-model
+``cutting``     all of it in one call (:func:`cut`): rank, reorder, select, extract, build
 ``aggregate``   slice-aware fusion of the returned sub-models
 ``server_opt``  the server update (FedAvg, FedProx, FedAdam) on the fused result
 ``rolling``     FedRolex's rolling windows
@@ -28,6 +29,7 @@ from .aggregate import (
     pseudo_gradient,
 )
 from .budget import Budget, InferenceProfile, MemoryProfile, TrainingProfile, training_memory_mb
+from .cutting import CutResult, cut
 from .deploy import export_submodel
 from .errors import (
     BudgetError,
@@ -70,6 +72,7 @@ __all__ = [
     "BudgetTooSmallError",
     "CheckpointError",
     "ConfigError",
+    "CutResult",
     "DataError",
     "Family",
     "InferenceProfile",
@@ -94,6 +97,7 @@ __all__ = [
     "build_submodel",
     "check_budgets",
     "check_update",
+    "cut",
     "describe",
     "export_submodel",
     "extract_state_dict",
