@@ -13,7 +13,7 @@ The method as a library, with no Flower import, in the paper's order:
 ``aggregate``   slice-aware fusion of the returned sub-models
 ``server_opt``  the server update (FedAvg, FedProx, FedAdam) on the fused result
 ``rolling``     FedRolex's rolling windows
-``deploy``      the largest sub-model a device can run after training
+``export``      the largest sub-model a device can run after training (was ``deploy``)
 ``errors``      the exception hierarchy
 
 Subpackages: :mod:`raffm_core.lora` (LoRA on sub-models) and
@@ -30,7 +30,6 @@ from .aggregate import (
 )
 from .budget import Budget, InferenceProfile, MemoryProfile, TrainingProfile, training_memory_mb
 from .cutting import CutResult, cut
-from .deploy import export_submodel
 from .errors import (
     BudgetError,
     BudgetTooSmallError,
@@ -44,6 +43,7 @@ from .errors import (
     UnsupportedModelError,
     UpdateError,
 )
+from .export import export_submodel
 from .extract import (
     base_config,
     build_submodel,

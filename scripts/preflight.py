@@ -1,6 +1,6 @@
 """Check a run's config, data, model and budgets before a federation starts; fail in seconds.
 
-``scripts/run_local.sh`` (so ``make run``) and ``scripts/deploy/run.sh`` call
+``scripts/run_local.sh`` (so ``make run``) and ``scripts/tls/run.sh`` call
 this first. It reads ``[tool.flwr.app.config]`` from ``pyproject.toml``,
 applies the overrides (``key=value`` as ``flwr run --run-config`` takes them;
 a string value may come without its TOML quotes, as ``make run

@@ -1,11 +1,11 @@
-"""A mistake stops scripts/run_local.sh, make run and scripts/deploy/run.sh before Flower starts.
+"""A mistake stops scripts/run_local.sh, make run and scripts/tls/run.sh before Flower starts.
 
 Each script runs for real; the preflight (``scripts/preflight.py``) must
 refuse the run with exactly one ``preflight:`` line and exit 2 before the
 SuperLink, Ray or ``flwr run`` start. That they never started shows in what
 the scripts leave: ``run_local.sh`` creates the results directory (where
 ``flwr run``'s log goes) only after the preflight and stops every process it
-started with a log line; ``deploy/run.sh`` writes ``logs/run.log`` with ``flwr run``.
+started with a log line; ``tls/run.sh`` writes ``logs/run.log`` with ``flwr run``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_make_run_passes_string_overrides_as_the_readme_writes_them(tmp_path):
 
 def test_deploy_run_with_a_bad_value_fails_in_preflight_before_flwr_run(tmp_path):
     done = run(
-        ["bash", "scripts/deploy/run.sh", 'strategy="foo" min-available-nodes=3'],
+        ["bash", "scripts/tls/run.sh", 'strategy="foo" min-available-nodes=3'],
         {"DEPLOY_DIR": str(tmp_path / "deploy")},
     )
     assert done.returncode == 2, done.stderr

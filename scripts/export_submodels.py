@@ -8,7 +8,7 @@ would (no gradients, optimizer state or saved activations). This script:
    ``results/<run>/final-model``) and prioritizes it (function-preserving, so
    prefix slices keep the most salient units);
 2. picks the largest uniform sub-model within ``--budget``: ``memory-mb=N``
-   checks the inference memory model of :class:`raffm_core.deploy.InferenceProfile`
+   checks the inference memory model of :class:`raffm_core.InferenceProfile`
    (batch ``--batch-size``, ``--seq-len`` tokens or patches), ``params=F`` or
    ``params=N`` the parameter count;
 3. evaluates it, without retraining, on the held-out split of the run
@@ -24,8 +24,9 @@ budgets below the model's smallest sub-model are listed as infeasible.
 
 Usage::
 
-    .venv/bin/python scripts/deploy.py results/RUN/final-model --budget memory-mb=450 --out deployed
-    .venv/bin/python scripts/deploy.py results/RUN/final-model --curve docs/deploy
+    .venv/bin/python scripts/export_submodels.py results/RUN/final-model \\
+        --budget memory-mb=450 --out deployed
+    .venv/bin/python scripts/export_submodels.py results/RUN/final-model --curve docs/deploy
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ from raffm_core import (  # noqa: E402
     prioritize,
     select_subnet,
 )
-from raffm_core.deploy import export_submodel  # noqa: E402
 from raffm_core.errors import DataError  # noqa: E402
+from raffm_core.export import export_submodel  # noqa: E402
 from raffm_core.extract import model_class  # noqa: E402
 from raffm_core.task import load_run_splits  # noqa: E402
 from raffm_core.task.config import ConfigError, RunConfig, key_of  # noqa: E402

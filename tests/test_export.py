@@ -8,7 +8,7 @@ import transformers as T
 
 import raffm_core as R
 from raffm_core import InferenceProfile
-from raffm_core.deploy import export_submodel
+from raffm_core.export import export_submodel
 from tests.models import tiny_inputs, tiny_model
 
 
