@@ -13,7 +13,7 @@ The method as a library, with no Flower import, in the paper's order:
 ``aggregate``   slice-aware fusion of the returned sub-models
 ``server_opt``  the server update (FedAvg, FedProx, FedAdam) on the fused result
 ``rolling``     FedRolex's rolling windows
-``export``      the largest sub-model a device can run after training (was ``deploy``)
+``export``      writing a sub-model for a device after training
 ``errors``      the exception hierarchy
 
 Subpackages: :mod:`raffm_core.lora` (LoRA on sub-models) and
@@ -43,7 +43,7 @@ from .errors import (
     UnsupportedModelError,
     UpdateError,
 )
-from .export import export_submodel
+from .export import export_model, export_submodel
 from .extract import (
     base_config,
     build_submodel,
@@ -99,6 +99,7 @@ __all__ = [
     "check_update",
     "cut",
     "describe",
+    "export_model",
     "export_submodel",
     "extract_state_dict",
     "extract_submodel",

@@ -1,6 +1,10 @@
-"""Deployment export: plain transformers where the config can say it, raffm format otherwise."""
+"""Export for a device: plain transformers where the config can say it, raffm format otherwise."""
 
 from __future__ import annotations
+
+import importlib
+import sys
+import warnings
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ import transformers as T
 
 import raffm_core as R
 from raffm_core import InferenceProfile
-from raffm_core.export import export_submodel
+from raffm_core.export import export_model, export_submodel
 from tests.models import tiny_inputs, tiny_model
 
 
@@ -57,3 +61,61 @@ def test_inference_fits_a_larger_model_than_training():
     infer = InferenceProfile(batch_size=1, seq_len=64)
     half = R.SubnetSpec.uniform(2, 2, 20)
     assert infer.memory_mb(layout, layout.full_spec()) < R.training_memory_mb(layout, half, train)
+
+
+@pytest.mark.parametrize(
+    "family, heads, expected_format",
+    [("bert", 4, "transformers"), ("bert", 2, "raffm"), ("llama", 1, "transformers")],
+)
+def test_a_cut_exports_as_the_prioritized_model_and_its_spec_do(
+    family, heads, expected_format, tmp_path
+):
+    model = tiny_model(family)
+    spec = R.SubnetSpec.uniform(R.describe(model).num_layers, heads, 24)
+    assert export_model(R.cut(model, spec).model, tmp_path / "cut") == expected_format
+    R.prioritize(model)
+    assert export_submodel(model, spec, tmp_path / "spec") == expected_format
+    inputs = tiny_inputs(family)
+    with torch.no_grad():
+        want = R.load_submodel(tmp_path / "spec")(**inputs).logits
+        got = R.load_submodel(tmp_path / "cut")(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_full_model_exports_as_plain_transformers(tmp_path):
+    model = tiny_model("bert")
+    assert export_model(model, tmp_path / "full") == "transformers"
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        plain = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "full").eval()
+        torch.testing.assert_close(plain(**inputs).logits, model(**inputs).logits)
+
+
+def test_a_trimmed_vocabulary_exports_in_raffm_format(tmp_path):
+    model = tiny_model("bert")
+    spec = R.SubnetSpec.uniform(2, 4, 24, vocab=tuple(range(30)))
+    assert export_model(R.cut(model, spec).model, tmp_path / "out") == "raffm"
+    assert R.spec_of(R.load_submodel(tmp_path / "out")) == spec
+
+
+@pytest.mark.parametrize("name", ["export_submodel", "plain_config", "InferenceProfile"])
+def test_the_old_module_name_still_works_and_says_the_new_one(name):
+    sys.modules.pop("raffm_core.deploy", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("raffm_core.deploy")
+        value = getattr(old, name)
+    assert value is getattr(importlib.import_module("raffm_core.export"), name)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert messages == [
+        f"raffm_core.deploy is deprecated and will be removed: import {name} from "
+        "raffm_core.export (or raffm_core) instead"
+    ]
+    with pytest.raises(AttributeError, match="no attribute 'deploy_submodel'"):
+        old.deploy_submodel  # noqa: B018
+
+
+def test_the_old_from_import_warns_at_the_importing_line():
+    with pytest.warns(DeprecationWarning, match="raffm_core.export") as caught:
+        from raffm_core.deploy import export_submodel as old  # noqa: F401
+    assert caught[0].filename == __file__
