@@ -57,6 +57,7 @@ class Deployment:
             "DEPLOY_DIR": str(folder),
             "SUPERLINK_PORT": str(free_port()),
             "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),  # run.sh's preflight imports this checkout's code
         }
         self.env.pop("FLWR_HOME", None)  # the scripts' default: a folder of the deployment
 
