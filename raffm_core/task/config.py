@@ -90,7 +90,7 @@ class RunConfig:
     rolling_tail: float = 0.0
     num_server_rounds: int = 5
     seed: int = 42
-    min_available_nodes: int = 10
+    min_available_nodes: int = 0
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_replies: int = 2
@@ -198,7 +198,6 @@ class RunConfig:
         self._check_choice("server_update", SERVER_UPDATES)
         for name in (
             "num_server_rounds",
-            "min_available_nodes",
             "batch_size",
             "max_length",
             "eval_batch_size",
@@ -215,6 +214,7 @@ class RunConfig:
             self._check_range(name, getattr(self, name) >= 1, ">= 1")
         self._check_task_columns()
         for name in (
+            "min_available_nodes",
             "min_train_nodes",
             "min_evaluate_nodes",
             "local_steps",
