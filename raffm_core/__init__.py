@@ -9,10 +9,11 @@ The method as a library, with no Flower import, in the paper's order:
 ``budget``      resource budgets and the training / inference memory models
 ``select``      the sub-network a budget allows
 ``extract``     cutting a real, smaller sub-model
+``cutting``     all of it in one call (:func:`cut`): rank, reorder, select, extract, build
 ``aggregate``   slice-aware fusion of the returned sub-models
 ``server_opt``  the server update (FedAvg, FedProx, FedAdam) on the fused result
 ``rolling``     FedRolex's rolling windows
-``deploy``      the largest sub-model a device can run after training
+``export``      writing a sub-model for a device after training
 ``errors``      the exception hierarchy
 
 Subpackages: :mod:`raffm_core.lora` (LoRA on sub-models) and
@@ -29,7 +30,7 @@ from .aggregate import (
     pseudo_gradient,
 )
 from .budget import Budget, InferenceProfile, MemoryProfile, TrainingProfile, training_memory_mb
-from .deploy import export_submodel
+from .cutting import CutResult, cut
 from .errors import (
     BudgetError,
     BudgetTooSmallError,
@@ -43,6 +44,7 @@ from .errors import (
     UnsupportedModelError,
     UpdateError,
 )
+from .export import export_model, export_submodel
 from .extract import (
     base_config,
     build_submodel,
@@ -72,6 +74,7 @@ __all__ = [
     "BudgetTooSmallError",
     "CheckpointError",
     "ConfigError",
+    "CutResult",
     "DataError",
     "Family",
     "ImportanceTracker",
@@ -97,7 +100,9 @@ __all__ = [
     "build_submodel",
     "check_budgets",
     "check_update",
+    "cut",
     "describe",
+    "export_model",
     "export_submodel",
     "extract_state_dict",
     "extract_submodel",

@@ -279,7 +279,7 @@ def load_submodel(path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
     """Load what :func:`save_submodel` wrote: ``raffm_core.load_submodel(dir)``.
 
     A plain ``save_pretrained`` folder of a full model (what
-    :func:`~raffm_core.deploy.export_submodel` writes when the config can
+    :func:`~raffm_core.export.export_model` writes when the config can
     express the widths) loads too; its weight names may be the checkpoint
     names ``transformers`` converts on save (ViT), so it goes through
     ``from_pretrained``, which must find every weight.

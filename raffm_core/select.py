@@ -141,7 +141,7 @@ def select_subnet(
     profile : TrainingProfile or InferenceProfile, optional
         What a ``memory-mb`` budget is checked against: a training step
         (:class:`TrainingProfile`, the default) or, for deployment, a forward
-        pass (:class:`~raffm_core.deploy.InferenceProfile`).
+        pass (:class:`~raffm_core.InferenceProfile`).
     vocab : int or tuple of int, optional
         The token-embedding rows the node needs (its data's token ids,
         :attr:`SubnetSpec.vocab`); the spec keeps exactly those, and the

@@ -1,12 +1,12 @@
 """Zero-shot sub-models with and without prioritization (paper Appendix A.2, Fig. 5a).
 
 A trained global model is cut, without any retraining, into sub-models of one
-budget: ``select_subnet(layout, budget, "sample", seed=i)`` for ``i`` in
-``0..samples-1``. Each spec is taken twice:
+budget: ``raffm_core.cut(model, budget, mode="sample", seed=i)`` for ``i``
+in ``0..samples-1``. Each spec is taken twice:
 
-* **prioritized**: from the model reordered by salience (``rank_units`` +
-  ``permute_state``, function-preserving), so the spec keeps the most salient
-  heads and neurons;
+* **prioritized**: from the model reordered by salience (what ``cut`` does
+  first, function-preserving), so the spec keeps the most salient heads and
+  neurons;
 * **unprioritized**: from the same model in a random unit order (a seeded,
   function-preserving permutation of every layer's heads and FFN neurons,
   one per sample), which is what a prefix means when nobody ranks units.
@@ -31,9 +31,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,21 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from raffm_core import (  # noqa: E402
-    ModelLayout,
-    Permutation,
-    base_config,
-    build_submodel,
-    describe,
-    extract_state_dict,
-    permute_state,
-    rank_units,
-    select_subnet,
-)
+from raffm_core import ModelLayout, Permutation, cut, describe, permute_state  # noqa: E402
 from raffm_core.importance import taylor_importance  # noqa: E402
 from raffm_core.prioritize import LayerPermutation  # noqa: E402
 from raffm_core.task.config import RunConfig  # noqa: E402
@@ -123,6 +109,14 @@ class AblationResult:
             "params-fractions": self.params_fractions,
             "seconds": self.seconds,
         }
+
+
+def shuffled(model: transformers.PreTrainedModel, seed: int) -> transformers.PreTrainedModel:
+    """A copy of ``model``, its units in the seeded order of :func:`random_permutation`."""
+    copied = copy.deepcopy(model)
+    layout = describe(copied)
+    permute_state(copied.state_dict(), layout, random_permutation(layout, seed))  # in place
+    return copied
 
 
 def random_permutation(layout: ModelLayout, seed: int) -> Permutation:
@@ -189,9 +183,6 @@ def run_ablation(
     loader = make_loader(held_out, tokenizer, batch_size)
     task, metric = splits.task, splits.task.primary_metric
     layout = describe(model)
-    config = base_config(model)
-    stored = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    prioritized = {k: v.clone() for k, v in stored.items()}
     unit_scores = None
     if salience == "taylor":
         if splits.validation is None:
@@ -205,28 +196,23 @@ def run_ablation(
         log(f"taylor importance on {len(picked)} validation examples")
     elif salience != "weights":
         raise ValueError(f"salience must be one of {SALIENCE}, got {salience!r}")
-    permute_state(
-        prioritized, layout, rank_units(prioritized, layout, cfg.weight_norm, unit_scores)
-    )
     full_score = evaluate_model(model, loader, task)[metric]
     log(f"full model: {metric} {full_score:.4f} on {len(held_out)} held-out examples")
 
-    def score(state: dict[str, torch.Tensor], spec) -> float:
-        sub = build_submodel(config, spec, extract_state_dict(state, layout, spec))
+    def score(sub: transformers.PreTrainedModel) -> float:
         return evaluate_model(sub, loader, task)[metric]
 
     scores: dict[str, list[float]] = {g: [] for g in GROUPS}
     fractions = []
     for i in range(samples):
-        spec = select_subnet(layout, budget, "sample", seed=i)
+        prioritized = cut(
+            model, budget, salience=cfg.weight_norm, scores=unit_scores, mode="sample", seed=i
+        )
+        spec = prioritized.spec  # the same widths for both groups, in their own unit order
         fractions.append(layout.count_params(spec) / layout.total_params)
-        scores["prioritized"].append(score(prioritized, spec))
-        if without == "random":
-            shuffled = {k: v.clone() for k, v in stored.items()}
-            permute_state(shuffled, layout, random_permutation(layout, seed=i))
-        else:
-            shuffled = stored
-        scores["unprioritized"].append(score(shuffled, spec))
+        scores["prioritized"].append(score(prioritized.model))
+        unordered = shuffled(model, seed=i) if without == "random" else model
+        scores["unprioritized"].append(score(cut(unordered, spec, salience=None).model))
         log(
             f"sub-model {i + 1}/{samples}: {fractions[-1]:.3f} of the parameters, "
             f"{metric} {scores['prioritized'][-1]:.4f} prioritized, "

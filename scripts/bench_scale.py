@@ -49,8 +49,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PRESETS: dict[str, dict[str, Any]] = {
     "vit": {
@@ -220,12 +218,12 @@ def build_job(args: argparse.Namespace, nodes: int, out: Path) -> dict[str, Any]
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` items, typed as the run config's keys (:mod:`scripts.preflight`)."""
-    from scripts.preflight import PreflightError, parse_overrides
+    """``--set key=value`` items, typed as the run config's keys."""
+    from raffm_core.task.config import ConfigError, parse_overrides
 
     try:
         return parse_overrides(items)
-    except PreflightError as err:
+    except ConfigError as err:
         raise SystemExit(f"--set: {err}") from None
 
 

@@ -603,12 +603,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown {unknown}; the protocol has {list(known)}")
     out = args.out or (ROOT / "results" / "benchmark-quick" if args.quick else args.protocol.parent)
     out.mkdir(parents=True, exist_ok=True)
-    extra = {}
-    for item in args.set:  # TOML-typed values: lr=3e-4, strategy='"heterofl"'
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected key=value")
-        extra[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+    from raffm_core.task.config import parse_overrides
+
+    extra = parse_overrides(args.set)  # TOML-typed: lr=3e-4 strategy=heterofl
     protocol = Protocol(
         protocol.path,
         seeds,

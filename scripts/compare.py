@@ -15,7 +15,7 @@ only ``strategy`` (and ``fedavg-train-all``) differ between the rows:
 Outputs in ``--out``: ``runs/<row>/`` (each run's own results),
 ``comparison.csv``, ``comparison.md``, ``accuracy-per-round.png``,
 ``accuracy-vs-bytes.png``, and the zero-shot ablation on RaFFM's final model
-(``ablation/``, see ``scripts/ablation_zero_shot.py``). Progress (each run's
+(``ablation/``, ``scripts/ablation_zero_shot.py`` run in its own process). Progress (each run's
 start and end, and every round) is printed as it goes; a run whose
 ``summary.json`` already exists is reused, so an interrupted comparison resumes.
 
@@ -38,7 +38,6 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from raffm_core.task.config import RunConfig  # noqa: E402
+from raffm_core.task.config import ConfigError, RunConfig, parse_overrides  # noqa: E402
 
 ROWS: dict[str, dict[str, Any]] = {
     "raffm": {"strategy": "raffm"},
@@ -200,6 +197,37 @@ def run_one(name: str, overrides: dict[str, Any], run_dir: Path, nodes: int, dat
     return proc.wait() == 0
 
 
+def run_ablation(model: Path, budget: str, samples: int, examples: int, out: Path) -> bool:
+    """``scripts/ablation_zero_shot.py`` on RaFFM's final model, progress echoed; True on success.
+
+    Its own process, as every run of this comparison: it writes ``ablation.json``,
+    ``ablation.md`` and ``ablation.png`` to ``out``, its log to ``out``'s sibling
+    ``ablation.log``.
+    """
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "ablation_zero_shot.py"),
+        str(model),
+        "--budget",
+        budget,
+        "--samples",
+        str(samples),
+        "--eval-max-examples",
+        str(examples),
+        "--out",
+        str(out),
+    ]
+    with (out.parent / "ablation.log").open("w") as log:
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, errors="replace"
+        )
+        for line in proc.stdout or ():
+            log.write(line)
+            if line.startswith(("sub-model ", "full model", "taylor")):
+                print(f"[ablation] {line.rstrip()}", flush=True)
+    return proc.wait() == 0
+
+
 def plot_curves(rows: list[Row], out: Path, target: float) -> None:
     """Accuracy per round, and accuracy against cumulative bytes, all rows in one figure each."""
     for path, x_of, xlabel in (
@@ -234,15 +262,17 @@ def write_tables(rows: list[Row], out: Path, header: str) -> None:
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs (TOML values) as a mapping; some keys have their own option."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected key=value")
+    """``--set key=value`` items (:func:`raffm_core.task.config.parse_overrides`).
+
+    Some keys have their own option or are set per row: they are refused here.
+    """
+    try:
+        out = parse_overrides(items)
+    except ConfigError as err:
+        raise SystemExit(f"--set: {err}") from None
+    for key in out:
         if key in SET_BY_OPTIONS:
             raise SystemExit(f"--set {key}: set by this script or its own option, not by --set")
-        out[key] = tomllib.loads(f"v = {value}")["v"]
     return out
 
 
@@ -328,24 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "ablation" / "ablation.json").is_file():
         print(f"=== zero-shot ablation: reusing {out / 'ablation'}")
     elif samples > 0 and "raffm" in names and raffm_model.is_dir():
-        from ablation_zero_shot import markdown_table, run_ablation
-        from ablation_zero_shot import write_outputs as write_ablation
-
         examples = args.ablation_examples or (100 if args.quick else 400)
         print(f"=== zero-shot ablation: {samples} sub-models at {args.ablation_budget}")
-        cfg = RunConfig.from_mapping(
-            json.loads((raffm_model.parent / "run-config.json").read_text())
-        )
-        result = run_ablation(
-            raffm_model,
-            cfg,
-            args.ablation_budget,
-            samples,
-            examples,
-            log=lambda m: print(f"[ablation] {m}", flush=True),
-        )
-        write_ablation(result, out / "ablation")
-        print(markdown_table(result))
+        if not run_ablation(raffm_model, args.ablation_budget, samples, examples, out / "ablation"):
+            print(f"=== zero-shot ablation: FAILED; see {out / 'ablation.log'}")
+            failed.append("ablation")
+        else:
+            print((out / "ablation" / "ablation.md").read_text())
 
     print(f"comparison finished in {time.monotonic() - started:.0f} s: {out}")
     if failed:

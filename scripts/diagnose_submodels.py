@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -37,48 +36,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from raffm_core import (  # noqa: E402
-    base_config,
-    build_submodel,
-    describe,
-    extract_state_dict,
-    permute_state,
-    rank_units,
-    select_subnet,
-    width_scaler,
-)
+from raffm_core import cut  # noqa: E402
 from raffm_core.spec import width_count  # noqa: E402
-from raffm_core.task.config import RunConfig  # noqa: E402
+from raffm_core.task.config import RAFFM, RunConfig  # noqa: E402
 from raffm_core.task.data import DatasetSpec, load_splits  # noqa: E402
 from raffm_core.task.encode import encode, make_loader, sort_by_length, take  # noqa: E402
-
-
-@torch.no_grad()
-def score(model: torch.nn.Module, loader, scaled: bool = False) -> dict[str, float]:
-    """Accuracy, mean loss and the most predicted class's share of ``model`` on ``loader``."""
-    model.eval()
-    loss, correct, count = 0.0, 0, 0
-    predicted: list[torch.Tensor] = []
-    with width_scaler(model) if scaled else contextlib.nullcontext():
-        for batch in loader:
-            out = model(**batch)
-            n = len(batch["labels"])
-            loss += float(out.loss) * n
-            guess = out.logits.argmax(-1)
-            correct += int((guess == batch["labels"]).sum())
-            predicted.append(guess)
-            count += n
-    counts = torch.bincount(torch.cat(predicted))
-    return {
-        "accuracy": correct / count,
-        "loss": loss / count,
-        "majority-share": float(counts.max()) / count,
-        "examples": count,
-    }
+from raffm_core.task.metrics import score_classifier  # noqa: E402
 
 
 def diagnose(model_dir: Path, cfg: RunConfig, log=print) -> list[dict]:
@@ -90,22 +53,19 @@ def diagnose(model_dir: Path, cfg: RunConfig, log=print) -> list[dict]:
     split = splits.validation if splits.validation is not None else splits.test
     held_out = encode(take(split, cfg.eval_max_examples, cfg.seed), tokenizer, cfg.max_length)
     loader = make_loader(sort_by_length(held_out), tokenizer, 64)
-    layout = describe(model)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if cfg.strategy == "raffm":  # what the server sends: the model in salience order
-        permute_state(state, layout, rank_units(state, layout, cfg.weight_norm))
-    records = [{"model": "full", "split": split_name, **score(model, loader)}]
+    # what the server sends: raffm cuts the model in salience order, the baselines as stored
+    salience = cfg.weight_norm if cfg.strategy == RAFFM else None
+    records = [{"model": "full", "split": split_name, **score_classifier(model, loader)}]
     log(_line(records[-1]))
-    budgets = [b.strip() for b in cfg.budget_profile.split(",") if b.strip()]
-    for budget in budgets:
-        spec = select_subnet(layout, budget, cfg.selection_mode, seed=0)
-        sub = build_submodel(base_config(model), spec, extract_state_dict(state, layout, spec))
-        heads = sorted({width_count(layer.heads) for layer in spec.layers})
+    for budget in cfg.budget_tiers:
+        result = cut(model, budget, salience=salience, mode=cfg.selection_mode, seed=0)
+        heads = sorted({width_count(layer.heads) for layer in result.spec.layers})
         common = {"model": budget, "split": split_name, "heads": heads}
-        records.append({**common, "scaler": False, **score(sub, loader)})
+        records.append({**common, "scaler": False, **score_classifier(result.model, loader)})
         log(_line(records[-1]))
         if cfg.width_scaler:
-            records.append({**common, "scaler": True, **score(sub, loader, scaled=True)})
+            scores = score_classifier(result.model, loader, scaled=True)
+            records.append({**common, "scaler": True, **scores})
             log(_line(records[-1]))
     return records
 

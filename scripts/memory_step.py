@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 BUDGETS = (1200, 1500, 2000, 2600)
 BASELINE_MB = 687.0

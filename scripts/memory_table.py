@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server_app.memory import format_memory_table, memory_rows  # noqa: E402
-from server_app.outputs import ROUNDS  # noqa: E402
-from server_app.records import RoundLog  # noqa: E402
+from server_app.memory import format_memory_table, memory_rows
+from server_app.outputs import ROUNDS
+from server_app.records import RoundLog
 
 
 def main() -> None:

@@ -35,7 +35,6 @@ for path in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(path))
 
 import benchmark  # noqa: E402
-from diagnose_submodels import score  # noqa: E402
 
 from client_app.training import TrainSettings, train_submodel  # noqa: E402
 from raffm_core import (  # noqa: E402
@@ -50,6 +49,7 @@ from raffm_core import (  # noqa: E402
 from raffm_core.task import load_task  # noqa: E402
 from raffm_core.task.config import RunConfig  # noqa: E402
 from raffm_core.task.encode import make_loader, sort_by_length, take  # noqa: E402
+from raffm_core.task.metrics import score_classifier as score  # noqa: E402
 
 
 def curve(task, cfg, budget, lr, scaler, steps, chunks, train, val) -> list[dict]:

@@ -1,6 +1,6 @@
 """Check a run's config, data, model and budgets before a federation starts; fail in seconds.
 
-``scripts/run_local.sh`` (so ``make run``) and ``scripts/deploy/run.sh`` call
+``scripts/run_local.sh`` (so ``make run``) and ``scripts/tls/run.sh`` call
 this first. It reads ``[tool.flwr.app.config]`` from ``pyproject.toml``,
 applies the overrides (``key=value`` as ``flwr run --run-config`` takes them;
 a string value may come without its TOML quotes, as ``make run
@@ -31,7 +31,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tomllib
@@ -39,71 +38,18 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from raffm_core.errors import ConfigError  # noqa: E402
+from raffm_core.task.config import parse_overrides  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 class PreflightError(Exception):
     """A mistake in the run's settings, data or model, said in one line."""
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` items to a mapping, with the types of :class:`RunConfig`.
-
-    A value is read as TOML (``lr=5e-5``, ``resume=true``, ``strategy="fedrolex"``).
-    For a key whose type is a string, a value that is not a TOML string is
-    taken as the string it reads: make and the shell strip the quotes of
-    ``make run ARGS='strategy="fedrolex"'`` (``strategy=fedrolex``), and
-    ``dataset-config=1`` means the name ``"1"``.
-    """
-    from raffm_core.task.config import RunConfig, key_of
-
-    string_keys = {key_of(f.name) for f in dataclasses.fields(RunConfig) if f.type == "str"}
-    out: dict[str, Any] = {}
-    for item in items:
-        for part in _split(item):
-            key, sep, value = part.partition("=")
-            key, value = key.strip(), value.strip()
-            if not sep or not key:
-                raise PreflightError(f"run-config override {part!r} is not key=value")
-            try:
-                out[key] = tomllib.loads(f"v = {value}")["v"]
-            except tomllib.TOMLDecodeError:
-                out[key] = value  # make and the shell removed the quotes of a string
-            if key in string_keys and not isinstance(out[key], str):
-                out[key] = value
-    return out
-
-
-def _split(item: str) -> list[str]:
-    """One argument may hold several space-separated overrides (``flwr run`` style).
-
-    A word without ``=`` continues the value before it: ``lora-target-modules=query, value``
-    is what the shell leaves of ``make run ARGS='lora-target-modules="query, value"'``.
-    """
-    parts, current, quote = [], "", ""
-    for char in item:
-        if char in "\"'" and (not quote or quote == char):
-            quote = "" if quote else char
-        if char == " " and not quote:
-            if current:
-                parts.append(current)
-            current = ""
-            continue
-        current += char
-    parts += [current] if current else []
-    merged: list[str] = []
-    for part in parts:
-        if merged and "=" not in part:
-            merged[-1] += " " + part
-        else:
-            merged.append(part)
-    return merged
 
 
 def to_run_config(mapping: dict[str, Any]) -> str:
@@ -213,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
         check(overrides, args.nodes)
     except Exception as err:  # noqa: BLE001 - anything unforeseen is one line too
-        what = str(err) if isinstance(err, PreflightError) else f"{type(err).__name__}: {err}"
+        known = isinstance(err, PreflightError | ConfigError)  # a bad override is a ConfigError
+        what = str(err) if known else f"{type(err).__name__}: {err}"
         print("preflight: " + " ".join(what.split()), file=sys.stderr)  # one line
         if args.verbose:
             traceback.print_exc()

@@ -3,7 +3,9 @@
 #
 # Idempotent: the pip installs are skipped while the stamp file
 # .venv/.raffm-installed is newer than constraints.txt, pyproject.toml and this
-# script, so a second run only re-checks the assets and takes a few seconds.
+# script, and the project's own install (editable, step 3) is skipped while
+# .venv imports raffm_core from this checkout, so a second run only re-checks
+# the assets and takes a few seconds.
 #
 # Install order matters: torch is pinned to the local CPU wheel first
 # (torch==2.13.0+cpu from pip's find-links); installing peft/accelerate or an
@@ -62,10 +64,9 @@ needs_install() {
 if needs_install; then
     [[ -f "$CONSTRAINTS" ]] || { log "ERROR: $CONSTRAINTS is missing"; exit 1; }
 
-    # Runtime + dev + llama dependencies, read from pyproject.toml. We install
-    # this explicit list rather than `-e .`, so the environment can be built
-    # before (or without) the project packages; pytest finds them through
-    # `pythonpath = ["."]` and Flower loads them from the app directory.
+    # Runtime + dev + llama dependencies, read from pyproject.toml, installed
+    # as an explicit list (with the constraints and the CPU torch pin); the
+    # project itself follows in step 3 without dependencies.
     mapfile -t DEPS < <("$PY" - <<'EOF'
 import tomllib
 
@@ -107,10 +108,30 @@ else
     log "packages up to date (stamp $STAMP is newer than $CONSTRAINTS and pyproject.toml)"
 fi
 
-# --- 3. assets ---------------------------------------------------------------
+# --- 3. the project, editable (so scripts import it without sys.path tricks) -
+# `pip install --no-deps -e .` puts raffm_core, server_app and client_app (the
+# wheel packages of pyproject.toml) on .venv's path as this checkout's folders.
+# Skipped when .venv already imports raffm_core from here; -I keeps the current
+# directory and PYTHONPATH out of that check.
+editable_here() {
+    "$PY" -I -c '
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec("raffm_core")
+here = spec is not None and pathlib.Path(spec.origin).resolve().parents[1] == pathlib.Path(sys.argv[1]).resolve()
+sys.exit(0 if here else 1)' "$ROOT"
+}
+if editable_here; then
+    log "project installed in editable mode from $ROOT"
+else
+    log "installing the project in editable mode (pip install --no-deps -e .)"
+    "$PY" -m pip install --quiet --no-deps -e .
+    editable_here || { log "ERROR: .venv does not import raffm_core from $ROOT after pip install -e ."; exit 1; }
+fi
+
+# --- 4. assets ---------------------------------------------------------------
 "$PY" scripts/fetch_assets.py
 
-# --- 4. Debian's Fashion-MNIST (optional) -------------------------------------
+# --- 5. Debian's Fashion-MNIST (optional) -------------------------------------
 # Only the 1,000-client setting (docs/scale.md, scripts/bench_scale.py --preset vit)
 # reads it; tests and the default run do not. Installed with apt when this runs as
 # root on Debian/Ubuntu and it is missing; otherwise one line says how. RAFFM_NO_APT=1 skips it.

@@ -88,8 +88,8 @@ class RunLoop:
         )
         log(
             INFO,
-            "\t├──> Nodes: wait for %d | min replies %d",
-            self.min_available_nodes,
+            "\t├──> Nodes: wait for %s | min replies %d",
+            self.min_available_nodes or "those registered (min-available-nodes = 0)",
             self.min_replies,
         )
         log(

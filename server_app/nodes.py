@@ -23,26 +23,74 @@ STAGES = {"train": 1, "evaluate": 2}
 """Salts that give training and evaluation independent draws in the same round."""
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> None:
-    """Block until ``minimum`` nodes are registered (simulated ones register late).
+SETTLE_S = 3.0
+"""With ``min-available-nodes = 0``: seconds without a new node after which registration
+counts as settled (simulated nodes register together as the simulation starts)."""
+
+POLL_S = 0.5
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float, settle: float = SETTLE_S) -> int:
+    """Block until ``minimum`` nodes are registered; with 0, until registration settles.
+
+    ``minimum == 0`` (the default of ``min-available-nodes``) trains with the
+    nodes Flower gives the run: it waits for a first node, then until no new
+    one has registered for ``settle`` seconds. Plain ``flwr run .`` on
+    Flower's local SuperLink starts 2 simulated nodes (or the connection's
+    ``options.num-supernodes``), all registered at once. A deployment whose
+    SuperNodes connect one by one should name the count it needs instead.
+
+    Returns
+    -------
+    int
+        The number of nodes registered when the wait ended (logged).
 
     Raises
     ------
+    ValueError
+        If ``minimum`` is negative.
     RuntimeError
-        If they are not within ``timeout`` seconds.
+        If ``minimum`` nodes (with ``0``: any node) are not registered within
+        ``timeout`` seconds. With ``0`` and nodes still arriving at the
+        deadline, the run goes on with those registered.
     """
-    deadline = time.monotonic() + timeout
-    last_log = 0.0
-    while (count := len(list(grid.get_node_ids()))) < minimum:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {count} of min-available-nodes={minimum} nodes registered "
-                f"within {timeout:.0f} s"
+    if minimum < 0:
+        raise ValueError(f"min-available-nodes must be >= 0, got {minimum!r}")
+    started = time.monotonic()
+    deadline = started + timeout
+    last_log, count, changed = 0.0, -1, started
+    while True:
+        now, seen = time.monotonic(), len(list(grid.get_node_ids()))
+        if seen != count:
+            count, changed = seen, now
+        if minimum and count >= minimum:
+            return count
+        if not minimum and count and (now - changed >= settle or now > deadline):
+            log(
+                INFO,
+                "%d nodes registered (min-available-nodes = 0: those registered when no new one "
+                "came for %.0f s); set min-available-nodes to wait for a number",
+                count,
+                settle,
             )
-        if time.monotonic() - last_log > 5:
-            log(INFO, "waiting for nodes: %d of %d registered", count, minimum)
-            last_log = time.monotonic()
-        time.sleep(0.5)
+            return count
+        if now > deadline:
+            if minimum:
+                raise RuntimeError(
+                    f"only {count} of min-available-nodes={minimum} nodes registered "
+                    f"within {timeout:.0f} s"
+                )
+            raise RuntimeError(
+                f"no node registered within {timeout:.0f} s "
+                "(min-available-nodes = 0 waits for at least one)"
+            )
+        if now - last_log > 5:
+            if minimum:
+                log(INFO, "waiting for nodes: %d of %d registered", count, minimum)
+            else:
+                log(INFO, "waiting for nodes to register: %d so far", count)
+            last_log = now
+        time.sleep(POLL_S)
 
 
 QUERY_BATCH = 64

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ import torch
 
 import raffm_core as R
 from tests.models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +228,12 @@ def test_aggregate_memory_is_streaming():
             print(peak() - before)
     """)
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's raffm_core
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     grown_2, grown_16 = (float(x) for x in out.stdout.split())
     model_mb = (4 * (4 * 512 * 512 + 2 * 512 * 4096) + 30 * 512 + 512 * 512) * 4 / 2**20

@@ -131,3 +131,21 @@ def test_unknown_rows_and_keys_fail_before_any_run(tmp_path, capsys):
     with pytest.raises(Exception, match="no-such-key"):
         compare.main(["--set", "no-such-key=1", "--out", str(tmp_path)])
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_ablation_runs_as_the_script_the_benchmark_calls(tmp_path, monkeypatch, capsys):
+    """compare.run_ablation: ``ablation_zero_shot.py MODEL --budget B --samples N --out DIR``."""
+    from tests.assets import save_tiny_bert, write_polarity_csv
+
+    model = save_tiny_bert(tmp_path / "raffm" / "final-model")
+    data = write_polarity_csv(tmp_path / "polarity.csv", 60)
+    run_config = {"dataset": str(data), "model-name": str(model), "max-length": 16}
+    (tmp_path / "raffm" / "run-config.json").write_text(json.dumps(run_config))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the script imports this checkout's code
+    assert compare.run_ablation(model, "params=0.8", 2, 10, tmp_path / "ablation")
+    saved = json.loads((tmp_path / "ablation" / "ablation.json").read_text())
+    assert saved["samples"] == 2 and saved["held-out-examples"] == 10
+    assert saved["budget"] == "params=0.8"
+    assert capsys.readouterr().out.count("[ablation] sub-model ") == 2
+    assert not compare.run_ablation(tmp_path / "nowhere", "params=0.8", 2, 10, tmp_path / "x")
+    assert "run-config" in (tmp_path / "ablation.log").read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raffm_core.task.config import ConfigError, RunConfig
+from raffm_core.task.config import ConfigError, RunConfig, parse_overrides
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -63,3 +63,53 @@ def test_budget_tiers_are_split_and_stripped():
 def test_lora_with_a_baseline_strategy_is_an_error_naming_both():
     with pytest.raises(ConfigError, match="peft = 'lora'.*strategy = 'heterofl'"):
         RunConfig.from_mapping({"peft": "lora", "strategy": "heterofl"})
+
+
+@pytest.mark.parametrize(
+    "items, expected",
+    [
+        (["strategy=fedrolex"], {"strategy": "fedrolex"}),
+        (['strategy="fedrolex"'], {"strategy": "fedrolex"}),
+        (["lora-target-modules=query, value"], {"lora-target-modules": "query, value"}),
+        (['lora-target-modules="query, value"'], {"lora-target-modules": "query, value"}),
+        (["dataset-config=1 lr=5e-5"], {"dataset-config": "1", "lr": 5e-5}),
+        (["resume=true", "seed=3"], {"resume": True, "seed": 3}),
+        (["  lr=0.5  seed=1 "], {"lr": 0.5, "seed": 1}),
+        (['prompt-template="{a} {b}" seed=1'], {"prompt-template": "{a} {b}", "seed": 1}),
+        (["seed=1", "seed=2"], {"seed": 2}),
+        (["lr=fast"], {"lr": "fast"}),  # left to RunConfig, which names the key and type
+        ([""], {}),
+    ],
+    ids=[
+        "bare",
+        "quoted",
+        "comma-space",
+        "quoted-comma-space",
+        "number-as-string",
+        "typed",
+        "extra-spaces",
+        "quoted-spaces",
+        "last-wins",
+        "untyped",
+        "empty",
+    ],
+)
+def test_overrides_take_the_run_configs_types(items, expected):
+    got = parse_overrides(items)
+    assert got == expected
+    assert [type(v) for v in got.values()] == [type(v) for v in expected.values()]
+
+
+@pytest.mark.parametrize(
+    "items, named",
+    [(["lr"], "'lr'"), (["=3"], "'=3'"), (["seed=1 =2"], "'=2'"), ([3], "3")],
+    ids=["no-equals", "no-key", "second-of-two", "not-a-string"],
+)
+def test_a_bad_override_is_a_config_error_that_quotes_it(items, named):
+    with pytest.raises(ConfigError, match=f"run-config override {named} is not"):
+        parse_overrides(items)
+
+
+def test_parsed_overrides_are_what_run_config_reads():
+    cfg = RunConfig.from_mapping(parse_overrides(["strategy=heterofl lr=3e-4", "seed=7"]))
+    assert (cfg.strategy, cfg.lr, cfg.seed) == ("heterofl", 3e-4, 7)

@@ -1,4 +1,4 @@
-"""A real deployment on loopback, driven by the scripts in scripts/deploy/.
+"""A real deployment on loopback, driven by the scripts in scripts/tls/.
 
 A SuperLink with TLS and SuperNode authentication, three SuperNodes whose
 keys are registered (budgets ``params=0.5``, ``params=0.75`` and ``auto``),
@@ -11,7 +11,7 @@ their activation is refused with exit code 305) must fail ``start_supernodes.sh`
 Everything runs in a private folder (certificates, FLWR_HOME, the
 SuperLink's database, logs) on a port picked at runtime. Every daemon is
 started by the scripts in its own session and stopped by its pid by
-``scripts/deploy/stop.sh``, also when a test fails; the refused SuperNodes
+``scripts/tls/stop.sh``, also when a test fails; the refused SuperNodes
 are started here and stopped by their pid.
 """
 
@@ -31,7 +31,7 @@ import pytest
 from tests.assets import save_tiny_bert, write_polarity_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "scripts" / "deploy"
+DEPLOY = ROOT / "scripts" / "tls"
 BUDGETS = ("params=0.5", "params=0.75", "auto")
 ROUNDS = 2
 
@@ -57,6 +57,7 @@ class Deployment:
             "DEPLOY_DIR": str(folder),
             "SUPERLINK_PORT": str(free_port()),
             "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),  # run.sh's preflight imports this checkout's code
         }
         self.env.pop("FLWR_HOME", None)  # the scripts' default: a folder of the deployment
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ import transformers as T
 
 import raffm_core as R
 from tests.models import FAMILY_NAMES, LINEAR_FAMILIES, tiny_inputs, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _heads(model) -> tuple[int, int]:
@@ -178,7 +182,12 @@ def test_rebuild_does_not_materialize_the_full_model(tmp_path):
         print((after - before) / 1024, sum(p.numel() for p in sub.parameters()))
     """)
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's raffm_core
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     grew_mb, params = out.stdout.split()
     assert float(grew_mb) < 200, f"rebuilding grew peak memory by {grew_mb} MB"

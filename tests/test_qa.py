@@ -350,7 +350,7 @@ def test_nodes_hold_whole_questions_never_a_window_of_another_nodes_question(tmp
 
 @pytest.mark.parametrize("budget", ["params=0.6", "params=1.0"])
 def test_an_exported_qa_sub_model_reloads_and_gives_the_same_answers(tmp_path, budget):
-    from raffm_core.deploy import export_submodel
+    from raffm_core.export import export_submodel
 
     tok = tiny_tokenizer(WORDS)
     model = tiny_qa_model("bert", len(tok), seed=2)

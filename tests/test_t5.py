@@ -14,7 +14,7 @@ import torch
 import transformers as T
 
 import raffm_core as R
-from raffm_core.deploy import export_submodel
+from raffm_core.export import export_submodel
 from raffm_core.prioritize import LayerPermutation
 from tests.models import SEQ2SEQ_NAMES, UNTIED, tiny_seq2seq, tiny_seq2seq_inputs
 

@@ -9,6 +9,7 @@ prompt/response data, exact match of generated answers
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import DataError
+from ..extract import width_scaler
 from .config import CAUSAL_LM, EXTRACTIVE_QA, REGRESSION, SEQ2SEQ
 from .data import TaskInfo
 from .instructions import InstructionSettings, evaluate_instructions
@@ -27,6 +29,8 @@ from .qa_metrics import evaluate_qa
 from .seq2seq import evaluate_seq2seq
 
 PERPLEXITY = "perplexity"
+MAJORITY_SHARE = "majority-share"
+"""The most predicted class's share of the examples (1.0: a one-class predictor)."""
 
 
 def compute_metrics(task: TaskInfo, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -139,4 +143,56 @@ def evaluate_lm(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
         PERPLEXITY: math.exp(min(loss, 50.0)),
         ACCURACY: right / examples,
         NUM_EXAMPLES: examples,
+    }
+
+
+@torch.no_grad()
+def score_classifier(
+    model: torch.nn.Module, loader: DataLoader, *, scaled: bool = False
+) -> dict[str, float]:
+    """Accuracy, mean loss and the most predicted class's share of a classifier on ``loader``.
+
+    The majority share tells a model that learned from one that predicts a
+    single class (share 1.0) at the same accuracy.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A sequence or image classifier; batches carry ``labels``.
+    loader : DataLoader
+    scaled : bool
+        Run a sub-model under HeteroFL's scaler (:func:`raffm_core.width_scaler`),
+        as it trained with ``width-scaler``.
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``loss``, ``majority-share`` and ``examples``. The model
+        is left in eval mode.
+
+    Raises
+    ------
+    DataError
+        If the loader yields no example.
+    """
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    predicted: list[torch.Tensor] = []
+    with width_scaler(model) if scaled else contextlib.nullcontext():
+        for batch in loader:
+            out = model(**batch)
+            n = len(batch["labels"])
+            loss += float(out.loss) * n
+            guess = out.logits.argmax(-1)
+            correct += int((guess == batch["labels"]).sum())
+            predicted.append(guess)
+            count += n
+    if not count:
+        raise DataError("cannot score a classifier on an empty split")
+    counts = torch.bincount(torch.cat(predicted))
+    return {
+        ACCURACY: correct / count,
+        LOSS: loss / count,
+        MAJORITY_SHARE: float(counts.max()) / count,
+        "examples": count,
     }

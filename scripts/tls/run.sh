@@ -4,7 +4,7 @@
 # read the run's final status back (`flwr run` exits 0 even when the
 # ServerApp failed) and exit non-zero unless it is finished:completed.
 #
-# Usage: scripts/deploy/run.sh [RUN_CONFIG]   e.g. 'num-server-rounds=2 min-available-nodes=3'
+# Usage: scripts/tls/run.sh [RUN_CONFIG]   e.g. 'num-server-rounds=2 min-available-nodes=3'
 # The run's log is written to $DEPLOY_DIR/logs/run.log.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -1,14 +1,15 @@
-"""Deploy a trained global model: the largest sub-model a device can run, evaluated and exported.
+"""Export a trained global model for a device: the largest sub-model it can run, evaluated.
 
 After federated training, a device runs a sub-model of the global model that
 fits its *inference* budget, which admits a larger sub-model than training
 would (no gradients, optimizer state or saved activations). This script:
 
 1. loads the trained model (a folder the ServerApp wrote, e.g.
-   ``results/<run>/final-model``) and prioritizes it (function-preserving, so
-   prefix slices keep the most salient units);
-2. picks the largest uniform sub-model within ``--budget``: ``memory-mb=N``
-   checks the inference memory model of :class:`raffm_core.deploy.InferenceProfile`
+   ``results/<run>/final-model``);
+2. cuts the largest uniform sub-model within ``--budget`` out of it
+   (:func:`raffm_core.cut`: prioritized first, function-preserving, so the
+   prefix keeps the most salient units): ``memory-mb=N`` checks the
+   inference memory model of :class:`raffm_core.InferenceProfile`
    (batch ``--batch-size``, ``--seq-len`` tokens or patches), ``params=F`` or
    ``params=N`` the parameter count;
 3. evaluates it, without retraining, on the held-out split of the run
@@ -24,8 +25,10 @@ budgets below the model's smallest sub-model are listed as infeasible.
 
 Usage::
 
-    .venv/bin/python scripts/deploy.py results/RUN/final-model --budget memory-mb=450 --out deployed
-    .venv/bin/python scripts/deploy.py results/RUN/final-model --curve docs/deploy
+    .venv/bin/python scripts/export_submodels.py results/RUN/final-model \\
+        --budget memory-mb=450 --out deployed
+    .venv/bin/python scripts/export_submodels.py results/RUN/final-model \\
+        --curve benchmarks/deployment
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import argparse
 import csv
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -49,20 +51,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from raffm_core import (  # noqa: E402
     Budget,
     BudgetTooSmallError,
-    InferenceProfile,  # noqa: E402
+    CutResult,
+    InferenceProfile,
     RaffmError,
-    SubnetSpec,
+    cut,
     describe,
-    extract_submodel,
-    prioritize,
-    select_subnet,
+    export_model,
 )
-from raffm_core.deploy import export_submodel  # noqa: E402
 from raffm_core.errors import DataError  # noqa: E402
 from raffm_core.extract import model_class  # noqa: E402
 from raffm_core.task import load_run_splits  # noqa: E402
@@ -76,20 +74,25 @@ from raffm_core.task.models import (  # noqa: E402
     load_tokenizer,  # noqa: E402
 )
 
-log = logging.getLogger("deploy")
+log = logging.getLogger("export_submodels")
 FRACTIONS = tuple(round(0.25 + 0.05 * i, 2) for i in range(16))
 """Parameter budgets of the curve: 25% to 100% in steps of 5%."""
 
 
 @dataclass
 class Trained:
-    """A trained, prioritized model with what evaluating it needs."""
+    """A trained model with what cutting and evaluating its sub-models needs."""
 
     model: transformers.PreTrainedModel
     preprocessor: Any  # tokenizer or PixelProcessor
     loader: torch.utils.data.DataLoader
     task: Any
     profile: InferenceProfile
+    salience: str  # the run's salience-norm
+
+    def cut(self, budget: Budget) -> CutResult:
+        """The largest uniform sub-model within ``budget``, most salient units first."""
+        return cut(self.model, budget, salience=self.salience, profile=self.profile)
 
 
 def read_run_config(path: Path, model_dir: Path) -> RunConfig:
@@ -109,10 +112,9 @@ def read_run_config(path: Path, model_dir: Path) -> RunConfig:
 
 
 def load_trained(model_dir: Path, cfg: RunConfig, batch_size: int, seq_len: int) -> Trained:
-    """Load, prioritize and prepare evaluation of the trained model in ``model_dir``."""
+    """Load the trained model in ``model_dir`` and prepare scoring on the run's held-out split."""
     config = transformers.AutoConfig.from_pretrained(model_dir)
     model = model_class(config).from_pretrained(model_dir).eval()
-    prioritize(model, cfg.weight_norm)
     image = is_image_model(str(model_dir))
     preprocessor = load_pixel_processor(str(model_dir)) if image else load_tokenizer(str(model_dir))
     splits = load_run_splits(cfg)  # the run's task: labelled text, images, QA, instructions
@@ -120,16 +122,16 @@ def load_trained(model_dir: Path, cfg: RunConfig, batch_size: int, seq_len: int)
     held_out = sort_by_length(encode_task(scored, preprocessor, cfg.max_length, splits.task))
     loader = make_loader(held_out, preprocessor, cfg.eval_batch_size)
     seq_len = seq_len or (image_tokens(config) if image else cfg.max_length)
-    return Trained(model, preprocessor, loader, splits.task, InferenceProfile(batch_size, seq_len))
+    profile = InferenceProfile(batch_size, seq_len)
+    return Trained(model, preprocessor, loader, splits.task, profile, cfg.weight_norm)
 
 
-def describe_fit(trained: Trained, spec: SubnetSpec) -> dict[str, Any]:
-    """Size, estimated inference memory and held-out metrics of ``spec``, no retraining."""
-    layout = describe(trained.model)
-    sub = extract_submodel(trained.model, spec)
+def describe_fit(trained: Trained, result: CutResult) -> dict[str, Any]:
+    """Size, estimated inference memory and held-out metrics of a cut, no retraining."""
+    layout, spec = describe(trained.model), result.spec
     started = time.perf_counter()
     with torch.no_grad():
-        metrics = evaluate_model(sub, trained.loader, trained.task, trained.preprocessor)
+        metrics = evaluate_model(result.model, trained.loader, trained.task, trained.preprocessor)
     return {
         "params": layout.count_params(spec),
         "params-fraction": layout.count_params(spec) / layout.total_params,
@@ -143,11 +145,11 @@ def describe_fit(trained: Trained, spec: SubnetSpec) -> dict[str, Any]:
     }
 
 
-def deploy(trained: Trained, budget: Budget, out: Path) -> dict[str, Any]:
+def export(trained: Trained, budget: Budget, out: Path) -> dict[str, Any]:
     """Fit ``budget``, evaluate, export to ``out``; returns what ``deploy.json`` holds."""
-    spec = select_subnet(trained.model, budget, "largest", profile=trained.profile)
-    row = describe_fit(trained, spec)
-    kind = export_submodel(trained.model, spec, out)
+    result = trained.cut(budget)
+    row = describe_fit(trained, result)
+    kind = export_model(result.model, out)
     trained.preprocessor.save_pretrained(out)
     report = {
         "budget": str(budget),
@@ -165,18 +167,17 @@ def deploy(trained: Trained, budget: Budget, out: Path) -> dict[str, Any]:
 def curve(trained: Trained, fractions: Sequence[float], out: Path) -> list[dict[str, Any]]:
     """Evaluate parameter budgets ``fractions``; write ``curve.{csv,md,png}`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    layout = describe(trained.model)
     metric = trained.task.primary_metric
     rows = []
     for fraction in fractions:
         budget = Budget("params", fraction, relative=True)
         try:
-            spec = select_subnet(layout, budget, "largest", profile=trained.profile)
+            result = trained.cut(budget)
         except BudgetTooSmallError as err:
             rows.append({"budget": str(budget), "feasible": False, "note": str(err)})
             log.info("%s: infeasible (%s)", budget, err)
             continue
-        row = {"budget": str(budget), "feasible": True, **describe_fit(trained, spec)}
+        row = {"budget": str(budget), "feasible": True, **describe_fit(trained, result)}
         rows.append(row)
         log.info(
             "%s: %.3f of the parameters, %.0f MB, %s %.4f",
@@ -271,8 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.model.is_dir():
         what = "is not a folder" if args.model.exists() else "does not exist"
         raise SystemExit(
-            f"deploy: the model folder {args.model} {what}; expected a trained model folder "
-            "such as results/<run>/final-model"
+            f"export_submodels: the model folder {args.model} {what}; expected a trained "
+            "model folder such as results/<run>/final-model"
         )
     run_config = args.run_config or args.model.parent / "run-config.json"
     if not run_config.is_file():
@@ -286,9 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             curve(trained, fractions, args.curve)
             print((args.curve / "curve.md").read_text(), end="")
             return 0
-        report = deploy(trained, budget, args.out)
+        report = export(trained, budget, args.out)
     except (RaffmError, DataError, ConfigError) as err:
-        raise SystemExit(f"deploy: {err}") from None
+        raise SystemExit(f"export_submodels: {err}") from None
     print(json.dumps({k: v for k, v in report.items() if k != "spec"}, indent=2))
     return 0
 

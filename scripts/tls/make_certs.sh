@@ -7,7 +7,7 @@
 #   node-I, node-I.pub      an EC P-384 key pair per SuperNode in OpenSSH format
 #                           (ssh-keygen), I = 0 .. N-1, for SuperNode authentication
 #
-# Usage: scripts/deploy/make_certs.sh N
+# Usage: scripts/tls/make_certs.sh N
 # Environment: SERVER_NAMES, extra DNS names or IPs of the SuperLink, space separated
 # (for nodes on other machines). Existing files are kept: run it again with a
 # larger N to add node keys.

@@ -1,4 +1,4 @@
-# Shared settings of the scripts in scripts/deploy/ (sourced, not run).
+# Shared settings of the scripts in scripts/tls/ (sourced, not run).
 #
 # Every setting can be overridden from the environment:
 #   DEPLOY_DIR      state of this deployment: certs/, pids/, logs/   (default: .deploy/)
@@ -37,7 +37,7 @@ start_daemon() {
     local name="$1"
     shift
     if [[ -f "$PIDS/$name.pid" ]] && kill -0 "$(cat "$PIDS/$name.pid")" 2>/dev/null; then
-        say "ERROR: $name is already running (pid $(cat "$PIDS/$name.pid")); run scripts/deploy/stop.sh first"
+        say "ERROR: $name is already running (pid $(cat "$PIDS/$name.pid")); run scripts/tls/stop.sh first"
         return 1
     fi
     setsid "$@" >"$LOGS/$name.log" 2>&1 < /dev/null &

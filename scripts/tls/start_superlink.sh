@@ -7,12 +7,12 @@
 # keeps its state in $DEPLOY_DIR/superlink.db and runs ServerApps in this
 # Python environment (no runtime dependency installation).
 #
-# Usage: scripts/deploy/start_superlink.sh
+# Usage: scripts/tls/start_superlink.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 for f in ca.crt server.crt server.key; do
-    [[ -f "$CERTS/$f" ]] || { say "ERROR: no $CERTS/$f; run scripts/deploy/make_certs.sh first"; exit 1; }
+    [[ -f "$CERTS/$f" ]] || { say "ERROR: no $CERTS/$f; run scripts/tls/make_certs.sh first"; exit 1; }
 done
 start_daemon superlink flower-superlink \
     --ssl-ca-certfile "$CERTS/ca.crt" \

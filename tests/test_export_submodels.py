@@ -1,4 +1,4 @@
-"""Post-training deployment: inference-memory budgets, the ViT export round trip, scripts/deploy.py.
+"""After training: inference budgets, the ViT export round trip, scripts/export_submodels.py.
 
 Oracles: the inference memory of a tiny BERT computed by hand from its
 shapes; brute force over every uniform width for "largest that fits";
@@ -21,7 +21,7 @@ import transformers as T
 
 import raffm_core as R
 from raffm_core import InferenceProfile
-from raffm_core.deploy import export_submodel
+from raffm_core.export import export_submodel
 from raffm_core.task.data import DatasetSpec
 from raffm_core.task.images import load_image_splits
 from raffm_core.task.models import load_pixel_processor
@@ -32,15 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_script():
-    """scripts/deploy.py as a module (registered first: its dataclass needs that)."""
-    if "deploy_script" not in sys.modules:
+    """scripts/export_submodels.py as a module (registered first: its dataclass needs that)."""
+    if "export_script" not in sys.modules:
         spec = importlib.util.spec_from_file_location(
-            "deploy_script", ROOT / "scripts" / "deploy.py"
+            "export_script", ROOT / "scripts" / "export_submodels.py"
         )
         module = importlib.util.module_from_spec(spec)
-        sys.modules["deploy_script"] = module
+        sys.modules["export_script"] = module
         spec.loader.exec_module(module)
-    return sys.modules["deploy_script"]
+    return sys.modules["export_script"]
 
 
 # ------------------------------------------------------ inference budgets
@@ -127,7 +127,7 @@ def test_vit_export_round_trip(heads, expected_format, tmp_path):
             torch.testing.assert_close(plain(**inputs).logits, want, rtol=1e-6, atol=1e-6)
 
 
-# ------------------------------------------------------- scripts/deploy.py
+# ----------------------------------------------- scripts/export_submodels.py
 def write_run(tmp_path: Path, model_dir: Path, **config) -> Path:
     (tmp_path / "run-config.json").write_text(
         json.dumps({"seed": 0, "model-name": "ignored", **config}) + "\n"

@@ -12,8 +12,8 @@
 # error line, when one exits instead (e.g. 305 "Failed to activate SuperNode")
 # or has not connected within $SUPERNODE_WAIT_S seconds (default 120).
 #
-# Usage: scripts/deploy/start_supernodes.sh BUDGET [BUDGET ...]
-# Example: scripts/deploy/start_supernodes.sh params=0.5 params=0.75 auto
+# Usage: scripts/tls/start_supernodes.sh BUDGET [BUDGET ...]
+# Example: scripts/tls/start_supernodes.sh params=0.5 params=0.75 auto
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -21,7 +21,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 N=$#
 i=0
 for budget in "$@"; do
-    [[ -f "$CERTS/node-$i" ]] || { say "ERROR: no key $CERTS/node-$i; run scripts/deploy/make_certs.sh $N"; exit 1; }
+    [[ -f "$CERTS/node-$i" ]] || { say "ERROR: no key $CERTS/node-$i; run scripts/tls/make_certs.sh $N"; exit 1; }
     # Each SuperNode serves its ClientApp process on a local port of its own.
     FLWR_HOME="$DEPLOY_DIR/node-$i" start_daemon "supernode-$i" flower-supernode \
         --root-certificates "$CERTS/ca.crt" \
@@ -61,11 +61,11 @@ for ((i = 0; i < N; i++)); do
 done
 if (( still_online )); then
     say "  305 \"Failed to activate SuperNode\": the SuperLink still lists that node as online,"
-    say "  because it was not stopped before the SuperLink (scripts/deploy/stop.sh stops nodes"
-    say "  first). That expires after two heartbeats (60 s): run scripts/deploy/stop.sh, then"
+    say "  because it was not stopped before the SuperLink (scripts/tls/stop.sh stops nodes"
+    say "  first). That expires after two heartbeats (60 s): run scripts/tls/stop.sh, then"
     say "  start_superlink.sh and this script again a minute later."
 fi
 if (( failed )); then
-    say "ERROR: not every SuperNode is up; scripts/deploy/stop.sh stops those that are"
+    say "ERROR: not every SuperNode is up; scripts/tls/stop.sh stops those that are"
     exit 1
 fi

@@ -2,7 +2,7 @@
 # Add the connection $CONNECTION to the Flower CLI's $FLWR_HOME/config.toml:
 # the SuperLink's address and the CA certificate that verifies it.
 #
-# Usage: scripts/deploy/configure_cli.sh
+# Usage: scripts/tls/configure_cli.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 

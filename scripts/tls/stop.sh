@@ -3,7 +3,7 @@
 # (each was started in its own session, so its process group also holds the
 # SuperExec and app processes it spawned).
 #
-# Usage: scripts/deploy/stop.sh
+# Usage: scripts/tls/stop.sh
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 

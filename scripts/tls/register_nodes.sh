@@ -2,8 +2,8 @@
 # Register SuperNode public keys with the SuperLink (needs configure_cli.sh).
 # Only a SuperNode whose key is registered can connect.
 #
-# Usage: scripts/deploy/register_nodes.sh N      registers $DEPLOY_DIR/certs/node-0.pub .. node-(N-1).pub
-#        scripts/deploy/register_nodes.sh KEY.pub ...
+# Usage: scripts/tls/register_nodes.sh N      registers $DEPLOY_DIR/certs/node-0.pub .. node-(N-1).pub
+#        scripts/tls/register_nodes.sh KEY.pub ...
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
