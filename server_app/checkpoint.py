@@ -85,6 +85,7 @@ class Checkpoint:
     best_round: int | None = None
     best_score: float = float("-inf")
     best_arrays: dict[str, torch.Tensor] | None = None
+    importance: dict[str, torch.Tensor] | None = None  # salience taylor: the tracker's estimates
 
 
 def checkpoint_path(cfg: RunConfig, results_dir: Path) -> Path:
@@ -140,6 +141,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "optimizer": checkpoint.optimizer,
         "rng": checkpoint.rng,
         "best-arrays": checkpoint.best_arrays,
+        "importance": checkpoint.importance,
         # the rest is plain data: JSON keeps it readable and loadable with weights_only
         "meta": json.dumps(
             {
@@ -192,6 +194,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             best_round=meta["best-round"],
             best_score=meta["best-score"],
             best_arrays=data["best-arrays"],
+            importance=data.get("importance"),
         )
     except CheckpointError:
         raise
@@ -235,6 +238,9 @@ class Checkpointer:
         check_fingerprint(saved.fingerprint, self.cfg, self.path)
         self.strategy.server_optimizer = ServerOptimizer.from_state_dict(saved.optimizer)
         self.strategy.history = saved.history
+        tracker = getattr(self.strategy, "importance", None)
+        if tracker is not None and saved.importance is not None:
+            tracker.load_state_dict(saved.importance)
         self.central = dict(saved.central)
         best = saved.best_arrays
         if best is None and saved.best_round == saved.server_round:
@@ -272,6 +278,11 @@ class Checkpointer:
                 best_round=ev.best_round,
                 best_score=ev.best_score,
                 best_arrays=None if ev.best_round == server_round else ev.best_state,
+                importance=(
+                    None
+                    if getattr(self.strategy, "importance", None) is None
+                    else self.strategy.importance.state_dict()
+                ),
             ),
         )
 
