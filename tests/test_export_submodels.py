@@ -138,7 +138,7 @@ def write_run(tmp_path: Path, model_dir: Path, **config) -> Path:
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
     """A 'trained' tiny ViT (random weights) beside the run config of a digits run."""
-    tmp = tmp_path_factory.mktemp("deploy-vit")
+    tmp = tmp_path_factory.mktemp("export-vit")
     model = tiny_model("vit")
     model.save_pretrained(tmp / "final-model")
     load_pixel_processor("vit-tiny:image_size=8").save_pretrained(tmp / "final-model")
@@ -147,7 +147,7 @@ def vit_run(tmp_path_factory):
     )
 
 
-def test_deploy_script_exports_what_it_evaluated(vit_run, tmp_path):
+def test_export_script_exports_what_it_evaluated(vit_run, tmp_path):
     script = load_script()
     out = tmp_path / "deployed"
     assert script.main([str(vit_run), "--budget", "params=0.7", "--out", str(out)]) == 0
@@ -166,7 +166,7 @@ def test_deploy_script_exports_what_it_evaluated(vit_run, tmp_path):
     assert report["accuracy"] == pytest.approx((logits.argmax(-1).numpy() == labels).mean())
 
 
-def test_deploy_script_budget_in_inference_memory(vit_run, tmp_path):
+def test_export_script_budget_in_inference_memory(vit_run, tmp_path):
     script = load_script()
     profile = InferenceProfile(batch_size=1, seq_len=17)
     config = T.AutoConfig.from_pretrained(vit_run)
@@ -179,13 +179,13 @@ def test_deploy_script_budget_in_inference_memory(vit_run, tmp_path):
     assert (report["heads"], report["ffn"]) >= (3, 30)
 
 
-def test_deploy_script_rejects_a_budget_below_the_smallest_model(vit_run, tmp_path):
+def test_export_script_rejects_a_budget_below_the_smallest_model(vit_run, tmp_path):
     with pytest.raises(SystemExit, match="smallest sub-network"):
         load_script().main([str(vit_run), "--budget", "params=0.01", "--out", str(tmp_path)])
 
 
 @pytest.mark.parametrize("with_run_config", [False, True], ids=["beside", "--run-config"])
-def test_deploy_script_on_a_missing_folder_says_it_does_not_exist(tmp_path, with_run_config):
+def test_export_script_on_a_missing_folder_says_it_does_not_exist(tmp_path, with_run_config):
     missing = tmp_path / "no-such-run" / "final-model"
     (tmp_path / "run-config.json").write_text("{}")
     extra = ["--run-config", str(tmp_path / "run-config.json")] if with_run_config else []
@@ -194,7 +194,7 @@ def test_deploy_script_on_a_missing_folder_says_it_does_not_exist(tmp_path, with
         load_script().main(argv)
 
 
-def test_deploy_curve_on_a_text_model(tmp_path):
+def test_export_curve_on_a_text_model(tmp_path):
     """Curve rows: infeasible below the floor; at 100% the prioritized full model,
     whose accuracy equals the saved model's (prioritization preserves outputs)."""
     model_dir = save_tiny_bert(tmp_path / "final-model")

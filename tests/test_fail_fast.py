@@ -64,7 +64,7 @@ def test_make_run_passes_string_overrides_as_the_readme_writes_them(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_deploy_run_with_a_bad_value_fails_in_preflight_before_flwr_run(tmp_path):
+def test_tls_run_with_a_bad_value_fails_in_preflight_before_flwr_run(tmp_path):
     done = run(
         ["bash", "scripts/tls/run.sh", 'strategy="foo" min-available-nodes=3'],
         {"DEPLOY_DIR": str(tmp_path / "deploy")},

@@ -126,8 +126,8 @@ def test_gpt2_causal_lm_changes_only_inside_the_slices_nodes_held(lm_run):
     assert 0.0 <= read_json(lm_run, "summary.json")["final-accuracy"] <= 1.0
 
 
-def test_deploy_script_exports_a_gpt2_submodel(classifier_run, tmp_path):
-    from tests.test_deploy_app import load_script
+def test_export_script_exports_a_gpt2_submodel(classifier_run, tmp_path):
+    from tests.test_export_submodels import load_script
 
     out = tmp_path / "deployed"
     final = classifier_run / "final-model"

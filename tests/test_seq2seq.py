@@ -145,10 +145,10 @@ def test_qa_jsonl_with_two_gold_answers_keeps_both(tmp_path):
     assert len(two) == 1 and two[0]["references"][0] == "the owl" and two[0]["label"] == "the owl"
 
 
-def test_deploy_script_exports_a_t5_that_reloads_with_the_same_answers(tmp_path):
+def test_export_script_exports_a_t5_that_reloads_with_the_same_answers(tmp_path):
     import json
 
-    from tests.test_deploy_app import load_script, write_run
+    from tests.test_export_submodels import load_script, write_run
 
     overrides = tiny_t5_task(tmp_path, 40)
     model_dir = Path(overrides.pop("model-name"))
