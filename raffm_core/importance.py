@@ -74,8 +74,11 @@ class TaylorRecorder:
             a = x.detach()
 
             def on_grad(g: torch.Tensor) -> None:
-                per_channel = (a * g).to(torch.float64)
-                per_example = per_channel.reshape(a.shape[0], -1, a.shape[-1]).sum(1)
+                # Sum over tokens in float32 (the activation's size), accumulate the few
+                # per-example sums in float64: a float64 copy of every activation
+                # would double the hook's cost on each training step.
+                per_channel = (a.float() * g.float()).reshape(a.shape[0], -1, a.shape[-1])
+                per_example = per_channel.sum(1).to(torch.float64)
                 if kind == "attn_out":
                     units = per_example.reshape(a.shape[0], -1, self._block).sum(-1)
                     self.scores[layer][0][: units.shape[1]] += units.abs().sum(0)

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel
 
 from .errors import RaffmError
 from .layout import Coupled, ModelLayout, describe
+from .spec import SubnetSpec, width_count
 
 L1, L2 = "l1", "l2"
 NORMS = (L1, L2)
@@ -253,3 +254,21 @@ def prioritize(model: PreTrainedModel, norm: str = L1) -> Permutation:
     permutation = rank_units(state, layout, norm)
     permute_state(state, layout, permutation)
     return permutation
+
+
+def prefix_kept(permutation: Permutation, specs: Sequence[SubnetSpec]) -> dict[str, float]:
+    """How much of the narrowest sent prefix the round's reordering left in place.
+
+    Per axis, over layers: the share of the units at positions ``0..k-1`` after
+    the reordering that were already there before (``k``: the narrowest width
+    sent this round on that axis in that layer). 1.0: the smallest
+    sub-model trains the same units as last round; lower values mean the
+    salience order is churning.
+    """
+    shares: dict[str, list[float]] = {"heads": [], "ffn": []}
+    for i, layer in enumerate(permutation.layers):
+        for axis, order in (("heads", layer.heads), ("ffn", layer.ffn)):
+            k = min(width_count(getattr(s.layers[i], axis)) for s in specs)
+            if k < len(order):
+                shares[axis].append(float((order[:k] < k).float().mean()))
+    return {f"{axis}-kept": sum(v) / len(v) for axis, v in shares.items() if v}

@@ -326,8 +326,11 @@ def _federate(grid: Grid, cfg: RunConfig, out: Path, started: float) -> dict[str
         if evaluator.best_state is not None:
             evaluator.load(evaluator.best_state)
             save_model(evaluator.export(), tokenizer, out / "best-model")
+    central = {**checkpointer.central, **result.evaluate_metrics_serverapp}
     if cfg.score_tiers and lora is None:
-        tiers = score_tiers(strategy, final, evaluator.loader, splits.task, tokenizer)
+        last = dict(central.get(max(central), {})) if central else {}
+        full = {k: v for k, v in last.items() if not k.startswith(VALIDATION_PREFIX)}
+        tiers = score_tiers(strategy, final, evaluator.loader, splits.task, tokenizer, full)
         write_json(out / "tiers.json", tiers)
         for tier in tiers:
             log(
@@ -342,7 +345,7 @@ def _federate(grid: Grid, cfg: RunConfig, out: Path, started: float) -> dict[str
         out,
         cfg,
         strategy.history,
-        {**checkpointer.central, **result.evaluate_metrics_serverapp},
+        central,
         splits.task.primary_metric,
         initial.count_bytes(),
         time.monotonic() - started,

@@ -28,14 +28,10 @@ from raffm_core import (
     rank_units,
     select_subnet,
 )
-from raffm_core.prioritize import L1
+from raffm_core.prioritize import L1, prefix_kept
 from raffm_core.rolling import rolling_tail_spec
-from raffm_core.spec import width_count
 from raffm_core.task.keys import (
     BASE_CONFIG,
-    CONFIG,
-    IMPORTANCE,
-    LABELS_HELD,
     NUM_EXAMPLES,
     PROXIMAL_MU,
     RECORD_IMPORTANCE,
@@ -48,25 +44,8 @@ from .instructions import build_instruction
 from .loop import RunLoop
 from .nodes import note_baselines, sample_nodes, spec_seed
 from .records import NodeBudget, Pending, RoundLog, Sent, State
-from .replies import cap_examples, check_train_reply, decode_importance, match_replies
-
-
-def prefix_kept(permutation: Permutation, specs: list[SubnetSpec]) -> dict[str, float]:
-    """How much of the narrowest sent prefix the round's reordering left in place.
-
-    Per axis, over layers: the share of the units at positions ``0..k-1`` after
-    the reordering that were already there before (``k``: the narrowest width
-    sent this round on that axis in that layer). 1.0: the smallest
-    sub-model trains the same units as last round; lower values mean the
-    salience order is churning.
-    """
-    shares: dict[str, list[float]] = {"heads": [], "ffn": []}
-    for i, layer in enumerate(permutation.layers):
-        for axis, order in (("heads", layer.heads), ("ffn", layer.ffn)):
-            k = min(width_count(getattr(s.layers[i], axis)) for s in specs)
-            if k < len(order):
-                shares[axis].append(float((order[:k] < k).float().mean()))
-    return {f"{axis}-kept": sum(v) / len(v) for axis, v in shares.items() if v}
+from .replies import cap_examples, check_train_reply, match_replies
+from .signal import fuse_importance, with_signal
 
 
 class RaFFM(FederatedEvaluation, RunLoop, Strategy):
@@ -352,7 +331,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
             )
             return None, None
         note_baselines(self.nodes, [reply for _, reply in accepted])
-        signal = self._with_signal(server_round, pending, accepted)
+        signal = with_signal(server_round, pending, accepted, self.label_keys)
         if len(signal) < self.min_replies:
             entry.kept_previous = True
             log(
@@ -373,7 +352,7 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
             if self.importance is not None:
                 self.importance.permute(pending.permutation)
         if self.importance is not None:
-            self._fuse_importance(server_round, pending, signal, entry)
+            fuse_importance(self.importance, server_round, signal, entry)
         new_state = self.server_optimizer.step(pending.state, fused, coverage)
         metrics = aggregate_metricrecords([reply.content for _, reply in accepted], NUM_EXAMPLES)
         entry.train_metrics = dict(metrics)
@@ -428,83 +407,6 @@ class RaFFM(FederatedEvaluation, RunLoop, Strategy):
         return self.profile.with_baseline(node.baseline_mb)
 
     # -------------------------------------------------------------- helpers
-    def _with_signal(
-        self, server_round: int, pending: Pending, accepted: list[tuple[Update, Message]]
-    ) -> list[tuple[Update, Message]]:
-        """The accepted updates that carry a training signal, label rows restricted.
-
-        A reply whose ``labels-held`` names one class (or none) was trained
-        under a masked loss that is identically zero: its weights moved only
-        by weight decay, so it is left out (logged, ``"fused": 0`` in its
-        round entry). The others fuse the output rows of their classes only.
-        """
-        by_node = {s.client.node_id: s.client for s in pending.sent}
-        out = []
-        for update, reply in accepted:
-            config = reply.content.config_records.get(CONFIG)
-            labels = None if config is None else config.get(LABELS_HELD)
-            client = by_node.get(reply.metadata.src_node_id)
-            if labels is not None and len(labels) <= 1:
-                log(
-                    INFO,
-                    "round %d: node %d holds %s only; its masked loss is zero, left out of "
-                    "the fusion",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    f"class {labels[0]}" if labels else "no class",
-                )
-                if client is not None:
-                    client.metrics["fused"] = 0
-                continue
-            if labels is not None:
-                keys = [k for k in self.label_keys if k in pending.state]
-                rows = tuple(sorted({int(x) for x in labels}))
-                update = dataclasses.replace(update, rows={k: rows for k in keys})
-            if client is not None:
-                client.metrics["fused"] = 1
-            out.append((update, reply))
-        return out
-
-    def _fuse_importance(
-        self,
-        server_round: int,
-        pending: Pending,
-        signal: list[tuple[Update, Message]],
-        entry: RoundLog,
-    ) -> None:
-        """Fold the replies' Taylor importance into :attr:`importance` (bad ones are logged)."""
-        started = time.monotonic()
-        contributions, nbytes = [], 0
-        for update, reply in signal:
-            record = reply.content.array_records.get(IMPORTANCE)
-            if record is None:
-                log(
-                    WARNING,
-                    "round %d: node %d sent no importance",
-                    server_round,
-                    reply.metadata.src_node_id,
-                )
-                continue
-            nbytes += record.count_bytes()
-            try:
-                scores = decode_importance(record, update.spec)
-            except ValueError as err:
-                log(
-                    WARNING,
-                    "round %d: importance of node %d ignored: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    err,
-                )
-                continue
-            contributions.append((update.spec, scores, float(update.num_examples)))
-        self.importance.update(contributions)
-        entry.importance = {
-            "replies": len(contributions),
-            "bytes": nbytes,
-            "fuse-s": time.monotonic() - started,
-        }
-
     def _weigh(self, update: Update, spec: SubnetSpec) -> Update:
         if not self.width_weight_power:
             return update

@@ -53,13 +53,16 @@ def score_tiers(
     loader: DataLoader,
     task: TaskInfo,
     tokenizer: Any,
+    full_metrics: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every tier's sub-model of the final model on ``loader``; smallest tier first.
 
     Returns one record per tier: ``budget``, ``body-fraction`` (the share of
     the heads' and FFN neurons' parameters kept), ``heads-per-layer``,
     ``ffn-per-layer``, the metrics of :func:`evaluate_model`, and the full
-    model's (``budget`` ``"full"``) last.
+    model's (``budget`` ``"full"``) last. ``full_metrics``: the final model's
+    central evaluation on the same loader, if the caller has it (reordering
+    preserves the function, so it is not scored again).
     """
     layout = strategy.layout
     state, _ = strategy.prepare_state(final)
@@ -68,9 +71,13 @@ def score_tiers(
     specs = sorted(tiers.items(), key=lambda item: layout.elastic_fraction(item[1]))
     records = []
     for budget, spec in [*specs, ("full", layout.full_spec())]:
-        model = build_submodel(base, spec, extract_state_dict(state, layout, spec))
-        with torch.no_grad():
-            metrics = evaluate_model(model, loader, task, tokenizer)
+        if budget == "full" and full_metrics:
+            metrics = dict(full_metrics)
+        else:
+            model = build_submodel(base, spec, extract_state_dict(state, layout, spec))
+            with torch.no_grad():
+                metrics = evaluate_model(model, loader, task, tokenizer)
+            del model
         records.append(
             {
                 "budget": budget,
@@ -80,5 +87,4 @@ def score_tiers(
                 **metrics,
             }
         )
-        del model
     return records
