@@ -3,6 +3,9 @@
 Shared by the simulation tests of the tasks (``save-round-models`` runs):
 outside the union of the accepted nodes' slices, the global model after a
 round equals the prioritized global model of the round before, bit for bit.
+The oracle re-derives the server's order from the weights (L1), so those
+runs set ``salience-norm = "l1"``: a Taylor order comes from the nodes'
+gradients (its ranking is tested in tests/test_signal.py).
 """
 
 from __future__ import annotations
@@ -40,8 +43,13 @@ def assert_changed_only_inside_held_slices(run_dir: Path, model_cls) -> dict[str
         for client in row["clients"]:
             assert client["status"] == "accepted", client
             spec = SubnetSpec.from_dict(client["spec"])
-            for key, shape in layout.sub_shapes(spec).items():
-                covered[key][tuple(slice(0, n) for n in shape)] = True  # prefix slices
+            slices = layout.slices(spec)  # prefixes, or the index sets of rolling windows
+            for key in layout.sub_shapes(spec):
+                if key not in slices:
+                    covered[key][...] = True  # held whole
+                    continue
+                axis, index = slices[key]
+                covered[key].movedim(axis, 0)[index] = True
         changed = 0
         for key in before:
             assert torch.equal(after[key][~covered[key]], prioritized[key][~covered[key]]), key

@@ -58,7 +58,6 @@ def _overrides(tmp, causal_lm: bool, rounds: int) -> dict:
         "results-dir": str(tmp / "results"),
         "num-server-rounds": rounds,
         "budget-profile": BUDGETS,
-        "rolling-tail": 0.0,  # index-set windows on Conv1D: see the closing note of 2026-12-08
         "partitioner": "iid",
         "max-length": 16,
         "local-steps": 3,
@@ -70,7 +69,9 @@ def _overrides(tmp, causal_lm: bool, rounds: int) -> dict:
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpt2-simulation")
-    simulate({**_overrides(tmp, False, 2), "save-round-models": True}, NUM_NODES)
+    simulate(
+        {**_overrides(tmp, False, 2), "save-round-models": True, "salience-norm": "l1"}, NUM_NODES
+    )
     return tmp / "results"
 
 
@@ -78,7 +79,7 @@ def classifier_run(tmp_path_factory):
 def lm_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpt2-lm-simulation")
     overrides = {**_overrides(tmp, True, 1), "task": "causal-lm", "max-length": 24}
-    simulate({**overrides, "lr": 1e-2, "save-round-models": True}, NUM_NODES)
+    simulate({**overrides, "lr": 1e-2, "save-round-models": True, "salience-norm": "l1"}, NUM_NODES)
     return tmp / "results"
 
 

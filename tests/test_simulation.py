@@ -37,6 +37,7 @@ def run_dir(tmp_path_factory):
         "batch-size": 8,
         "lr": 1e-3,
         "save-round-models": True,
+        "salience-norm": "l1",  # the slice oracle re-derives an L1 order (tests/slices.py)
     }
     simulate(overrides, NUM_NODES)
     return tmp / "results"

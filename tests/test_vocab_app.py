@@ -40,6 +40,7 @@ def run(tmp, trim: bool):
         "weight-decay": 0.01,
         "vocab-trim": trim,
         "save-round-models": True,
+        "salience-norm": "l1",  # the slice oracle re-derives an L1 order (tests/slices.py)
     }
     simulate(overrides, NUM_NODES)
     return tmp / "results", AutoTokenizer.from_pretrained(tmp / "model")
